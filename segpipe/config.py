@@ -1,0 +1,156 @@
+"""Typed params: one frozen model per `params.yaml` section, rejecting unknown and missing keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+TRASH_CLASSES = (
+    "Background", "General trash", "Paper", "Paper pack", "Metal", "Glass",
+    "Plastic", "Styrofoam", "Plastic bag", "Battery", "Clothing",
+)
+
+
+class ParamsError(ValueError):
+    """A params file or section is missing, malformed or has unknown/missing keys."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    layout: Literal["coco", "mask_png"] = "coco"
+    root: str                      # dataset folder (COCO layout of DESIGN.md, or mask-PNG layout)
+    classes: tuple[str, ...]       # index = pixel value; index 0 is the background
+    overlap: Literal["max", "last", "first"] = "max"   # rasterising overlaps: max class index wins (baseline)
+    unknown: Literal["background", "class", "ignore"] = "background"  # what an UNKNOWN category becomes
+    ignore_index: int = 255        # label value excluded from loss and metric
+    hidden_labels: str = ""        # leaderboard-only labels of the test split (emulator); empty for real data
+
+
+class GenerateParams(Section):
+    n_train: int = Field(gt=0)     # images in train_all.json
+    n_test: int = Field(gt=0)      # images in test.json (labels go to the leaderboard only)
+    image_size: int = Field(ge=32)
+    n_batches: int = Field(ge=1)   # batch_XX folders; folds group by them
+    val_fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
+
+
+class ValidateParams(Section):
+    max_empty_images: int = Field(ge=0)     # images with no annotation tolerated before failing
+    grayscale: Literal["convert", "fail"] = "convert"
+    max_bad_records: int = Field(ge=0, default=0)
+    sample_grid: int = Field(ge=0, default=12)   # images in the EDA overlay grid
+
+
+class SplitParams(Section):
+    n_folds: int = Field(ge=2)
+    seed: int = 0
+    group_by: Literal["none", "batch"] = "batch"  # keep a batch folder in one fold (near-duplicates)
+
+
+class ModelSpec(Section):
+    arch: str                       # a name in segpipe.models.ARCHITECTURES
+    encoder: str                    # an smp encoder name
+    encoder_weights: str | None = None   # "imagenet" when available (see README); None for tests/offline
+
+
+class TrainParams(Section):
+    models: dict[str, ModelSpec]    # name -> spec; the matrix key
+    seeds: tuple[int, ...]
+    folds: tuple[int, ...]          # which folds to train (subset of range(split.n_folds))
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    input_size: int = Field(ge=32)  # images are resized to this square for training/inference
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: int = Field(ge=0)
+    amp: bool = True                # bf16/fp16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    num_workers: int = Field(ge=0)
+    hflip: float = Field(ge=0, le=1)
+    vflip: float = Field(ge=0, le=1)
+    color_jitter: float = Field(ge=0, le=1)
+    loss: Literal["ce", "ce+dice"] = "ce+dice"
+    threads: int = Field(ge=0, default=0)   # torch CPU threads per task; 0 = cores / parallel tasks
+
+
+class RetrainParams(Section):
+    epochs: int = Field(ge=1)       # the retrain round fine-tunes from scratch on train + pseudo
+    pseudo_weight: float = Field(gt=0, default=1.0)
+
+
+class InferParams(Section):
+    tta: tuple[Literal["hflip", "vflip", "hvflip"], ...] = ("hflip",)
+    batch_size: int = Field(ge=1)
+
+
+class PseudoParams(Section):
+    threshold: float = Field(gt=0, lt=1)         # min max-probability for a pixel to be kept
+    min_confident_fraction: float = Field(ge=0, le=1)  # images below this kept share are dropped
+
+
+class SubmitParams(Section):
+    mode: Literal["submit", "dry-run"] = "submit"
+    description: str = "segpipe"
+    base_url: str
+    competition_id: int
+    wait_seconds: float = Field(ge=0, default=120)
+
+
+PARAM_SECTIONS: dict[str, type[Section]] = {
+    "data": DataParams, "generate": GenerateParams, "validate": ValidateParams, "split": SplitParams,
+    "train": TrainParams, "retrain": RetrainParams, "infer": InferParams, "pseudo": PseudoParams,
+    "submit": SubmitParams,
+}
+
+S = TypeVar("S", bound=Section)
+
+
+def read_params(path: Path = DEFAULT_PARAMS) -> dict:
+    """Read the whole params file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_section(raw: dict, section: str, cls: type[S], source: str = "params.yaml") -> S:
+    """Validate one section; the error names the file, the section and the offending key."""
+    if section not in raw:
+        raise ParamsError(f"{source}: section `{section}` is missing (expected keys: {sorted(cls.model_fields)})")
+    try:
+        return cls.model_validate(raw[section])
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ParamsError(f"{source}: {problems}") from None
+
+
+def load_params(section: str, cls: type[S] | None = None, path: Path = DEFAULT_PARAMS) -> S:
+    """Load and validate one section of `params.yaml`."""
+    cls = cls or PARAM_SECTIONS[section]
+    return parse_section(read_params(path), section, cls, str(path))
+
+
+def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Section]:
+    """Load every known section (fails on unknown top-level sections too)."""
+    raw = read_params(path)
+    unknown = sorted(set(raw) - set(PARAM_SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown sections {unknown}; valid: {sorted(PARAM_SECTIONS)}")
+    return {name: parse_section(raw, name, cls, str(path)) for name, cls in PARAM_SECTIONS.items()}
