@@ -83,8 +83,7 @@ class TrainParams(Section):
 
 
 class RetrainParams(Section):
-    epochs: int = Field(ge=1)       # the retrain round fine-tunes from scratch on train + pseudo
-    pseudo_weight: float = Field(gt=0, default=1.0)
+    epochs: int = Field(ge=1)       # the retrain round trains from scratch on train + pseudo-labelled test
 
 
 class InferParams(Section):

@@ -1,0 +1,120 @@
+"""Sample index, decoded-image cache and torch datasets with albumentations transforms."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Sample:
+    file_name: str
+    image: Path
+    mask: Path | None = None     # None for test images
+    batch: str = ""
+    classes: tuple[int, ...] = ()
+
+
+def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]:
+    """Read the validate stage's index.json into (train samples, test samples, class names)."""
+    index_path = Path(index_path)
+    idx = json.loads(index_path.read_text())
+    root = Path(idx["data_root"])
+    train = [
+        Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], r.get("batch", ""), tuple(r.get("classes", ())))
+        for r in idx["train"]
+    ]
+    test = [Sample(r["file_name"], root / r["image"]) for r in idx["test"]]
+    return train, test, list(idx["classes"])
+
+
+def load_pseudo_index(index_path: Path) -> list[Sample]:
+    """Pseudo-labelled test samples written by the pseudo stage (masks carry ignore where unsure)."""
+    index_path = Path(index_path)
+    idx = json.loads(index_path.read_text())
+    root = Path(idx["data_root"])
+    return [Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], "pseudo") for r in idx["samples"]]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image as RGB uint8 (H, W, 3); a file that cannot be decoded is an error, not a skip."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"cannot read image {path}: missing or corrupt (run the validate stage)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise FileNotFoundError(f"cannot read mask {path}: missing or corrupt (re-run the validate stage)")
+    return mask
+
+
+def decode_all(samples: list[Sample], size: int, threads: int = 4) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode and resize every sample once: images (N, size, size, 3) uint8, masks (N, size, size) uint8.
+
+    Decoding JPEGs every epoch is what starves the GPU; the demo's and a competition's train set
+    (3,300 x 512^2 x 3 = 2.6 GB) fit in memory, so each image is decoded exactly once per task.
+    """
+    images = np.empty((len(samples), size, size, 3), np.uint8)
+    has_masks = all(s.mask is not None for s in samples)
+    masks = np.empty((len(samples), size, size), np.uint8) if has_masks else None
+
+    def load(i: int) -> None:
+        img = read_image(samples[i].image)
+        images[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        if masks is not None:
+            masks[i] = cv2.resize(read_mask(samples[i].mask), (size, size), interpolation=cv2.INTER_NEAREST)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:   # cv2 releases the GIL while decoding
+        list(pool.map(load, range(len(samples))))
+    return images, masks
+
+
+def train_transform(hflip: float, vflip: float, color_jitter: float) -> A.Compose:
+    """Geometric + photometric augmentation; masks follow with nearest interpolation."""
+    ops: list[A.BasicTransform] = [A.HorizontalFlip(p=hflip), A.VerticalFlip(p=vflip)]
+    if color_jitter > 0:
+        ops.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=color_jitter))
+    return A.Compose(ops)
+
+
+class ArrayDataset(Dataset):
+    """Items are uint8 CHW image tensors and int64 masks; normalisation happens on the device."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray | None, transform: A.Compose | None = None):
+        self.images, self.masks, self.transform = images, masks, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        mask = self.masks[i] if self.masks is not None else None
+        if self.transform is not None:
+            out = self.transform(image=img, mask=mask) if mask is not None else self.transform(image=img)
+            img, mask = out["image"], out.get("mask", mask)
+        img_t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        if mask is None:
+            return img_t
+        return img_t, torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+def normalize(batch_u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, 3, H, W) on any device -> float normalised with ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch_u8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=batch_u8.device).view(1, 3, 1, 1) * 255
+    x = (batch_u8.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
