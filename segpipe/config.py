@@ -102,12 +102,20 @@ class SubmitParams(Section):
     base_url: str
     competition_id: int
     wait_seconds: float = Field(ge=0, default=120)
+    poll_seconds: float = Field(gt=0, default=2.0)   # score polling interval
+    allow_last_slot: bool = False   # the nightly run never spends the day's last slot; keep it for a human
+    ledger: str = ".segpipe/submissions.json"   # sha256 -> submission; outside the stage's DVC-wiped out dir
+
+
+class FanoutParams(Section):
+    slots_per_gpu: int = Field(ge=1)   # training tasks sharing one GPU (small models leave it idle otherwise)
+    cpu_slots: int = Field(ge=1)       # parallel tasks on a machine with no GPU; threads are split between them
 
 
 PARAM_SECTIONS: dict[str, type[Section]] = {
     "data": DataParams, "generate": GenerateParams, "validate": ValidateParams, "split": SplitParams,
     "train": TrainParams, "retrain": RetrainParams, "infer": InferParams, "pseudo": PseudoParams,
-    "submit": SubmitParams,
+    "submit": SubmitParams, "fanout": FanoutParams,
 }
 
 S = TypeVar("S", bound=Section)

@@ -1,0 +1,106 @@
+"""The `full-pipeline` flow: validate -> split -> train[matrix] -> pseudo -> retrain[matrix] -> infer -> submit."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import tasks
+from segpipe.config import load_all
+from segpipe.storage import ArtifactStore, S3Config
+
+
+def leaderboard_key() -> str | None:
+    """The key from a Prefect Secret block `leaderboard-key`, else the environment; never a parameter."""
+    try:
+        from prefect.blocks.system import Secret
+        return Secret.load("leaderboard-key").get()
+    except Exception:      # no block registered: the worker's environment carries it
+        return os.environ.get("SEGPIPE_LEADERBOARD_KEY")
+
+
+def run_id() -> str:
+    rid = flow_run.get_id()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{str(rid)[:8]}" if rid else stamp
+
+
+@flow(name="full-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "") -> dict:
+    """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/."""
+    log = get_run_logger()
+    p = load_all(Path(params_file))
+    rid = run_name or run_id()
+    run_dir = Path("runs") / rid
+    prefix = f"runs/{rid}"
+    ArtifactStore(S3Config.from_env()).check()     # bad credentials fail here, before any work
+
+    version = tasks.fetch(p["data"])
+    log.info("run %s on data version %s; artifacts under %s", rid, version, prefix)
+
+    tasks.validate(p["data"], p["validate"], run_dir / "validate")
+    tasks.upload(run_dir / "validate", f"{prefix}/validate")
+    publish_markdown(run_dir / "validate" / "eda" / "report.md", "eda-report")
+    tasks.split(p["split"], run_dir / "validate", run_dir / "split")
+    tasks.upload(run_dir / "split", f"{prefix}/split")
+
+    matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
+    trained = fan_out("train", matrix, run_dir, params_file, p["fanout"], prefix)
+    publish_members(trained, "train-metrics")
+
+    tasks.pseudo(p["data"], p["pseudo"], p["infer"], run_dir / "validate", run_dir / "train", run_dir / "pseudo")
+    tasks.upload(run_dir / "pseudo", f"{prefix}/pseudo")
+
+    retrained = fan_out("retrain", matrix, run_dir, params_file, p["fanout"], prefix)
+    publish_members(retrained, "retrain-metrics")
+
+    result = tasks.infer(p["data"], p["infer"], run_dir / "validate", run_dir / "retrain", run_dir / "infer")
+    tasks.upload(run_dir / "infer", f"{prefix}/infer")
+    publish_markdown(run_dir / "infer" / "report.md", "ensemble-report")
+
+    summary = {"run": rid, "data_version": version, "oof_miou": result.oof_miou, "artifacts": prefix}
+    if submit:
+        sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit", key=leaderboard_key(),
+                           hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer")})
+        tasks.upload(run_dir / "submit", f"{prefix}/submit")
+        summary.update(public_miou=getattr(sub, "public_score", None), submission=getattr(sub, "submission_id", None))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    create_table_artifact([{k: str(v) for k, v in summary.items()}], key="run-summary",
+                          description=f"full-pipeline run {rid}")
+    log.info("run %s done: OOF mIoU %.4f, public mIoU %s", rid, result.oof_miou, summary.get("public_miou"))
+    return summary
+
+
+def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str) -> list[Path]:
+    """Launch every (model, seed, fold) at once; the device leases decide how many really run together."""
+    futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout) for m, s, f in matrix]
+    # each member uploads as soon as it finishes, while the others still train
+    uploads = [tasks.upload.submit(fut, f"{prefix}/{stage}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]
+    for u in uploads:
+        u.result()
+    return [fut.result() for fut in futures]
+
+
+def publish_markdown(path: Path, key: str) -> None:
+    if path.is_file():
+        create_markdown_artifact(path.read_text(), key=key)
+
+
+def publish_members(outs: list[Path], key: str) -> None:
+    rows = []
+    for out in outs:
+        m = json.loads((out / "metrics.json").read_text())
+        rows.append({"member": m["key"], "best_val_miou": round(m["best_miou"], 4), "best_epoch": m["best_epoch"] + 1,
+                     **{c: (None if v is None else round(v, 3)) for c, v in m["per_class_iou"].items()}})
+    create_table_artifact(rows, key=key, description="per-fold validation mIoU and per-class IoU")
+
+
+if __name__ == "__main__":
+    full_pipeline()

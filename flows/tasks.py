@@ -1,0 +1,66 @@
+"""Prefect tasks: thin wrappers around the stage functions, plus the process-isolated training task."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+import pipelines.fetch
+import pipelines.infer
+import pipelines.pseudo
+import pipelines.split
+import pipelines.submit
+import pipelines.validate
+from segpipe.config import FanoutParams
+from segpipe.gpu import lease
+from segpipe.storage import ArtifactStore, S3Config
+
+LEASE_DIR = Path(".segpipe/leases")
+
+# A data error is not transient: validate never retries. I/O tasks do.
+fetch = task(pipelines.fetch.run, name="fetch", retries=2, retry_delay_seconds=[5, 30])
+validate = task(pipelines.validate.run, name="validate", retries=0)
+split = task(pipelines.split.run, name="split")
+pseudo = task(pipelines.pseudo.run, name="pseudo")
+infer = task(pipelines.infer.run, name="infer")
+submit = task(pipelines.submit.run, name="submit", retries=0)   # the client retries safely itself
+
+
+@task(name="upload", retries=3, retry_delay_seconds=[2, 10, 30])
+def upload(local_dir: Path, key_prefix: str) -> list[str]:
+    """Copy a stage's outputs to the artifact store under the run's prefix (checksummed, never overwriting)."""
+    store = ArtifactStore(S3Config.from_env())
+    keys = store.upload_dir(Path(local_dir), key_prefix)
+    get_run_logger().info("uploaded %d files to %s", len(keys), store.url(key_prefix))
+    return keys
+
+
+@task(name="train", task_run_name="{stage}-{model}-s{seed}-f{fold}", retries=1, retry_delay_seconds=5)
+def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams) -> Path:
+    """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint."""
+    log = get_run_logger()
+    out_root = run_dir / stage
+    cmd = [sys.executable, "-m", f"pipelines.{stage}", "--params", params_file, "--model", model, "--seed", str(seed),
+           "--fold", str(fold), "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"),
+           "--out-root", str(out_root)]
+    if stage == "retrain":
+        cmd += ["--pseudo", str(run_dir / "pseudo")]
+    with lease(LEASE_DIR, fanout.slots_per_gpu, fanout.cpu_slots) as held:
+        log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
+                 "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
+        tail: deque[str] = deque(maxlen=30)
+        proc = subprocess.Popen(cmd, env={**os.environ, **held.env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:               # the stage's own log lines, streamed into the Prefect run log
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                log.info(line)
+        if proc.wait() != 0:
+            raise RuntimeError(f"{stage} {model}-s{seed}-f{fold} exited with {proc.returncode}:\n" + "\n".join(tail))
+    return out_root / f"{model}-s{seed}-f{fold}"

@@ -1,0 +1,71 @@
+"""Stage helper `fetch`: make the DVC-versioned dataset present and return its data version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pipelines.common import parser, run_main
+from segpipe.config import DataParams, load_params
+
+log = logging.getLogger(__name__)
+
+
+def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def data_version(root: str) -> str:
+    """The DVC content hash of the dataset folder (from dvc.lock or `<root>.dvc`), else a listing hash."""
+    lock = Path("dvc.lock")
+    if lock.exists():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in stage.get("outs", []):
+                if out.get("path") == root and "md5" in out:
+                    return out["md5"].removesuffix(".dir")[:12]
+    dvcfile = Path(f"{root}.dvc")
+    if dvcfile.exists():
+        return yaml.safe_load(dvcfile.read_text())["outs"][0]["md5"].removesuffix(".dir")[:12]
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def run(data: DataParams, push: bool = True) -> str:
+    """`dvc repro generate` for the embedded dataset (a no-op when up to date), else `dvc pull` of the data."""
+    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
+    if "generate" in stages:
+        _dvc("repro", "generate")
+    else:
+        _dvc("pull", data.root)
+    if not Path(data.root).is_dir():
+        raise FileNotFoundError(f"dataset {data.root} (params.yaml data.root) is not there after DVC: "
+                                "`dvc add` it or `dvc import-url` it, then commit the .dvc file")
+    if push:
+        # keep the remote complete, so another machine (or the nightly worker) can `dvc pull` this version
+        res = _dvc("push", check=False)
+        if res.returncode != 0:
+            log.warning("dvc push failed (remote not configured or unreachable); data stays local: %s",
+                        res.stderr.strip()[-300:])
+    version = data_version(data.root)
+    print(f"fetch: dataset {data.root} at data version {version}")
+    return version
+
+
+def main() -> None:
+    a = parser(__doc__).parse_args()
+    run_main(lambda: run(load_params("data", DataParams, a.params)))
+
+
+if __name__ == "__main__":
+    main()
