@@ -1,0 +1,151 @@
+"""Stage `validate`: check the dataset (great-expectations + file checks), rasterise train masks, run the EDA.
+
+Writes out_dir/index.json (the contract every later stage reads), masks/, gx_results.json, metrics.json and eda/,
+all or nothing: everything is built in a temp sibling and renamed into place only when it all succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segpipe.coco import DataError, rasterize
+from segpipe.config import DEFAULT_PARAMS, DataParams, ParamsError, ValidateParams, load_params
+from segpipe.eda import run_eda
+from segpipe.validation import ValidationResult, validate_dataset
+
+
+@dataclass
+class ValidateResult:
+    out_dir: Path
+    n_train: int
+    n_test: int
+    n_annotations: int
+    metrics: dict
+    class_weights: dict
+    warnings: list[str]
+    seconds: dict[str, float]
+
+
+_JOB: dict = {}   # set before forking the rasterisation pool; workers inherit it
+
+
+def _mask_job(k: int) -> tuple[np.ndarray, int, int]:
+    """Rasterise (or copy) train image k's mask into the temp out dir; return class pixel counts, ignored, overlap."""
+    res: ValidationResult = _JOB["result"]
+    row, data, out = _JOB["train"][k], _JOB["data"], _JOB["out"]
+    dst = out / row["mask"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if res.layout == "coco":
+        mask, overlap = rasterize(res.coco, row["image_id"], res.cmap, data.overlap, data.ignore_index,
+                                  res.skip_annotations, with_overlap=True)
+        cv2.imwrite(str(dst), mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        src = res.root / row["mask_src"]
+        mask, overlap = cv2.imread(str(src), cv2.IMREAD_UNCHANGED), 0
+        shutil.copyfile(src, dst)
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return counts[: len(data.classes)], int(counts[data.ignore_index]), overlap
+
+
+def _index_rows(res: ValidationResult) -> list[dict]:
+    return [{"file_name": r["file_name"], "image": r["image"],
+             "mask": str(Path("masks") / Path(r["file_name"]).with_suffix(".png")), "batch": r["batch"],
+             "image_id": r["image_id"], "width": int(r["width"]), "height": int(r["height"])} for r in res.train]
+
+
+def run(data: DataParams, params: ValidateParams, out_dir: Path, workers: int | None = None) -> ValidateResult:
+    """Validate data.root, write masks + index + GX results + EDA to out_dir atomically."""
+    out_dir = Path(out_dir)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    res = validate_dataset(data, params, workers)   # raises DataValidationError before anything is written
+    seconds["validate"] = time.perf_counter() - t
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t = time.perf_counter()
+        train = _index_rows(res)
+        for row, src in zip(train, res.train):
+            row["mask_src"] = src.get("mask_src")
+        _JOB.update(result=res, train=train, data=data, out=tmp)
+        workers = workers or os.cpu_count() or 1
+        if workers > 1 and len(train) >= 32:
+            with get_context("fork").Pool(workers) as pool:
+                stats = pool.map(_mask_job, range(len(train)), chunksize=max(1, len(train) // (workers * 8)))
+        else:
+            stats = [_mask_job(k) for k in range(len(train))]
+        _JOB.clear()
+        n_cls = len(data.classes)
+        pixel_counts = np.stack([s[0] for s in stats]) if stats else np.zeros((0, n_cls), np.int64)
+        ignored = np.array([s[1] for s in stats], np.int64)
+        overlaps = np.array([s[2] for s in stats], np.int64)
+        for row, counts in zip(train, pixel_counts):
+            row.pop("mask_src")
+            row["classes"] = [int(c) for c in np.flatnonzero(counts)]
+        seconds["rasterise"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        split_counts = {"train_all": len(train), "test": len(res.test)}
+        for name in ("train", "val"):
+            if res.layout == "coco" and (res.root / f"{name}.json").exists():
+                split_counts[name] = len(json.loads((res.root / f"{name}.json").read_text())["images"])
+        eda = run_eda(tuple(data.classes), train, res.annotations, pixel_counts, ignored, overlaps, res.root, tmp,
+                      tmp / "eda", split_counts=split_counts, sample_grid=params.sample_grid, warnings=res.warnings)
+        seconds["eda"] = time.perf_counter() - t
+
+        index = {"data_root": data.root, "layout": res.layout, "classes": list(data.classes),
+                 "ignore_index": data.ignore_index, "train": train,
+                 "test": [{"file_name": r["file_name"], "image": r["image"]} for r in res.test]}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "gx_results.json").write_text(json.dumps(res.gx, indent=1, default=str))
+        metrics = {**res.metrics(), **eda.metrics}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ValidateResult(out_dir, len(train), len(res.test), int(len(res.annotations)), metrics,
+                          eda.class_weights, res.warnings, seconds)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/validate"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        r = run(load_params("data", DataParams, args.params), load_params("validate", ValidateParams, args.params),
+                args.out)
+    except (DataError, ParamsError) as e:
+        print(f"validate: FAILED, nothing written to {args.out}\n{e}", file=sys.stderr)
+        sys.exit(1)
+    for w in r.warnings[:20]:
+        print(f"warning: {w}")
+    print(f"validate: {r.n_train} train / {r.n_test} test images, {r.n_annotations} annotations -> {r.out_dir} "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in r.seconds.items())})")
+    print("  pixel share: " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in r.metrics.items()
+                                        if k.startswith("pixel_share/")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The embedded synthetic trash dataset: the competition layout, deterministic for a seed.
+
+Each class has its own shape family and colour/texture distribution (with overlapping hues between some
+classes), objects of widely varied size overlap on a cluttered background, and class frequencies follow the
+real trash data. Objects are painted in ascending class order, so the pixels on top are the ones the `max`
+overlap rule labels; labels are rasterised from the very polygons written to the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from segpipe.coco import CocoFile, rasterize
+
+# Annotation counts per class in the real competition's train_all.json (General trash .. Clothing):
+# Paper and Plastic bag dominate, Battery and Clothing are rare.
+CLASS_FREQ = np.array([3966, 6352, 897, 936, 982, 2943, 1263, 5178, 159, 177], float)
+CLASS_FREQ /= CLASS_FREQ.sum()
+
+# Per class: shape family, base HSV hue range (OpenCV 0..180), saturation range, value range, size factor.
+# Hues overlap on purpose (Paper/Styrofoam/Paper pack light; Glass/Plastic green; Metal/Battery grey).
+STYLE = {
+    1: ("blob", (0, 180), (20, 120), (60, 200), 1.0),        # General trash: anything, irregular
+    2: ("quad", (10, 30), (0, 50), (170, 250), 1.0),         # Paper: light flat sheets
+    3: ("box", (0, 180), (90, 220), (120, 230), 0.8),        # Paper pack: saturated printed boxes
+    4: ("can", (90, 120), (0, 40), (110, 220), 0.6),         # Metal: grey cans with a sheen
+    5: ("bottle", (35, 80), (60, 200), (40, 160), 0.8),      # Glass: green/brown bottles, darker
+    6: ("bottle", (35, 130), (60, 230), (120, 240), 0.9),    # Plastic: bottles, overlaps Glass hue
+    7: ("round_rect", (15, 35), (0, 30), (200, 255), 0.9),   # Styrofoam: white blocks, overlaps Paper
+    8: ("bag", (0, 180), (40, 230), (80, 240), 1.3),         # Plastic bag: big smooth blobs, any colour
+    9: ("battery", (0, 30), (120, 240), (60, 200), 0.25),    # Battery: small cylinders with a band
+    10: ("cloth", (100, 170), (60, 200), (50, 200), 1.5),    # Clothing: large, striped fabric
+}
+SPLIT_CODE = {"train": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    out_dir: Path
+    hidden_dir: Path
+    n_train: int
+    n_val: int
+    n_test: int
+    n_annotations: int
+    annotations_per_class: dict[str, int]
+
+
+def _shape(kind: str, rng: np.random.Generator, cx: float, cy: float, r: float) -> list[np.ndarray]:
+    """Polygons (list of (K, 2) float) for one object of radius ~r centred on (cx, cy)."""
+    ang = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+
+    def place(pts: np.ndarray) -> np.ndarray:
+        return pts @ rot.T * r + (cx, cy)
+
+    if kind in ("blob", "bag", "cloth"):
+        k = {"blob": 11, "bag": 18, "cloth": 24}[kind]
+        t = np.sort(rng.uniform(0, 2 * np.pi, k))
+        jitter = {"blob": 0.45, "bag": 0.15, "cloth": 0.3}[kind]
+        rad = 1 + rng.uniform(-jitter, jitter, k)
+        if kind == "bag":  # smooth: low-frequency radius
+            rad = 1 + 0.25 * np.sin(2 * t + rng.uniform(0, 6)) + 0.1 * np.sin(3 * t + rng.uniform(0, 6))
+        pts = np.stack([np.cos(t) * rad, np.sin(t) * rad * rng.uniform(0.5, 1.0)], 1)
+        polys = [place(pts)]
+        if kind == "cloth" and rng.random() < 0.3:  # a sleeve lying apart: a multi-polygon annotation
+            t2 = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+            sleeve = np.stack([np.cos(t2) * 0.3 + 1.4, np.sin(t2) * 0.15], 1)
+            polys.append(place(sleeve))
+        return polys
+    if kind == "quad":
+        a = rng.uniform(0.5, 1.0)
+        pts = np.array([[-1, -a], [1, -a], [1, a], [-1, a]], float) + rng.normal(0, 0.08, (4, 2))
+    elif kind == "box":
+        a = rng.uniform(0.4, 0.8)
+        pts = np.array([[-a, -1], [a, -1], [a + 0.25, -0.8], [a + 0.25, 1.1], [-a + 0.25, 1.1], [-a, 1]], float)
+    elif kind == "can":
+        t = np.linspace(0, np.pi, 8)
+        top = np.stack([np.cos(t) * 0.5, -1 - np.sin(t) * 0.15], 1)
+        bot = np.stack([-np.cos(t) * 0.5, 1 + np.sin(t) * 0.15], 1)
+        pts = np.concatenate([top[::-1], bot[::-1]])
+    elif kind == "bottle":
+        n = rng.uniform(0.12, 0.2)
+        b = rng.uniform(0.3, 0.45)
+        pts = np.array([[-n, -1], [n, -1], [n, -0.6], [b, -0.3], [b, 1], [-b, 1], [-b, -0.3], [-n, -0.6]])
+    elif kind == "round_rect":
+        a = rng.uniform(0.5, 0.9)
+        t = np.linspace(0, np.pi / 2, 4)
+        corners = []
+        for (sx, sy), off in zip([(1, 1), (-1, 1), (-1, -1), (1, -1)], range(4)):
+            tt = t + off * np.pi / 2
+            corners.append(np.stack([np.cos(tt) * 0.2 + sx * 0.8, np.sin(tt) * 0.2 + sy * (a - 0.2)], 1))
+        pts = np.concatenate(corners)
+    else:  # battery
+        pts = np.array([[-0.3, -1], [0.3, -1], [0.3, 1], [-0.3, 1]], float)
+    return [place(pts)]
+
+
+def _background(rng: np.random.Generator, size: int, tint: np.ndarray) -> np.ndarray:
+    """Cluttered textured background (H, W, 3) uint8: low-frequency noise, clutter strokes, grain."""
+    low = rng.uniform(0, 1, (6, 6, 3)).astype(np.float32)
+    img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC) * 70 + tint
+    for _ in range(rng.integers(6, 14)):  # unlabelled clutter: lines and patches in background-like colours
+        c = (tint + rng.uniform(-50, 50, 3)).tolist()
+        p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        if rng.random() < 0.5:
+            cv2.line(img, tuple(map(int, p1)), tuple(map(int, p2)), c, int(rng.integers(1, max(2, size // 40))))
+        else:
+            cv2.circle(img, tuple(map(int, p1)), int(rng.integers(2, max(3, size // 12))), c, -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return img
+
+
+def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
+    """Object colour/texture (h, w, 3) float32 BGR for one object's bounding box."""
+    _, hue, sat, val, _ = STYLE[cls]
+    hsv = np.array([[[rng.uniform(*hue), rng.uniform(*sat), rng.uniform(*val)]]], np.float32)
+    base = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR).astype(np.float32)[0, 0]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    tex = np.broadcast_to(base, (h, w, 3)).copy()
+    if cls == 4:    # metal sheen: a bright band across the can
+        tex += (50 * np.exp(-((xx / max(w, 1) - rng.uniform(0.2, 0.8)) ** 2) / 0.02))[..., None]
+    elif cls == 10:  # fabric stripes
+        period = rng.uniform(3, 9)
+        tex *= (0.75 + 0.25 * np.sign(np.sin((xx + yy * rng.uniform(-1, 1)) / period)))[..., None]
+    elif cls == 9:   # battery: dark body, coloured band at one end
+        tex[:] = rng.uniform(20, 60)
+        tex[: max(1, h // 3)] = base
+    elif cls == 3:   # printed box: blocks of a second colour
+        tex[(xx // max(2, w // 4) + yy // max(2, h // 4)) % 2 == 0] *= rng.uniform(0.5, 0.9)
+    elif cls in (5, 6):  # bottles: shading across
+        tex *= (0.7 + 0.5 * np.sin(np.pi * xx / max(w, 1)))[..., None]
+    tex += rng.normal(0, 10, tex.shape).astype(np.float32)
+    return tex
+
+
+def _render(args: tuple[int, int, int, int]) -> tuple[bytes, list[dict]]:
+    """One image: JPEG bytes and its annotations (category_id, segmentation polygons, iscrowd flag)."""
+    seed, split_code, index, size = args[0], args[1], args[2], args[3]
+    rng = np.random.default_rng([seed, split_code, index])
+    tint = rng.uniform(60, 170, 3).astype(np.float32)
+    img = _background(rng, size, tint)
+    n_obj = int(rng.choice(np.arange(1, 9), p=np.array([6, 10, 12, 13, 13, 12, 10, 8]) / 84.0))
+    objs = []
+    for _ in range(n_obj):
+        cls = int(rng.choice(np.arange(1, 11), p=CLASS_FREQ))
+        # log-uniform radius from tiny (~1.5% of the side) to half the image
+        r = size * math.exp(rng.uniform(math.log(0.015), math.log(0.25))) * STYLE[cls][4]
+        r = float(np.clip(r, 2.5, size * 0.5))
+        cx, cy = rng.uniform(0.1, 0.9, 2) * size
+        polys = []
+        for p in _shape(STYLE[cls][0], rng, cx, cy, r):
+            p = np.clip(np.round(p), 0, size - 1)
+            if len(np.unique(p, axis=0)) >= 3:
+                polys.append(p.astype(np.int32))
+        if polys:
+            objs.append((cls, polys))
+    objs.sort(key=lambda o: o[0])  # paint in class order: what shows on top is what `max` labels
+    anns = []
+    for cls, polys in objs:
+        x0 = int(min(p[:, 0].min() for p in polys))
+        y0 = int(min(p[:, 1].min() for p in polys))
+        x1 = int(max(p[:, 0].max() for p in polys)) + 1
+        y1 = int(max(p[:, 1].max() for p in polys)) + 1
+        m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillPoly(m, [p - (x0, y0) for p in polys], 1)
+        if not m.any():
+            continue
+        tex = _texture(rng, cls, y1 - y0, x1 - x0)
+        sel = m.astype(bool)
+        img[y0:y1, x0:x1][sel] = tex[sel]
+        anns.append({"category_id": cls, "segmentation": [p.reshape(-1).astype(float).tolist() for p in polys],
+                     "iscrowd": int(rng.random() < 0.05)})
+    img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (3, 3), 0.6)
+    ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return jpg.tobytes(), anns
+
+
+def _finish_annotation(ann: dict, ann_id: int, image_id: int, size: int) -> dict:
+    """Area and bbox from pycocotools; the ~5% crowd annotations are stored as compressed RLE."""
+    rles = mask_utils.frPyObjects(ann["segmentation"], size, size)
+    rle = mask_utils.merge(rles)
+    seg = ann["segmentation"]
+    if ann["iscrowd"]:
+        seg = {"size": [size, size], "counts": rle["counts"].decode("ascii")}
+    return {"id": ann_id, "image_id": image_id, "category_id": ann["category_id"], "segmentation": seg,
+            "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "iscrowd": ann["iscrowd"]}
+
+
+def _file_names(n: int, first_batch: int, per_batch: int) -> list[str]:
+    return [f"batch_{first_batch + i // per_batch:02d}_vt/{i % per_batch + 1:04d}.jpg" for i in range(n)]
+
+
+def generate(
+    out_dir: Path, hidden_dir: Path, *, n_train: int, n_test: int, image_size: int, n_batches: int,
+    val_fraction: float, seed: int, classes: tuple[str, ...] | list[str], workers: int | None = None,
+) -> SynthSummary:
+    """Write train_all/train/val/test.json + batch folders to out_dir and the test labels to hidden_dir."""
+    if len(classes) != 11:
+        raise ValueError(f"the synthetic dataset has 10 trash classes + background; got {len(classes)} classes")
+    out_dir, hidden_dir = Path(out_dir), Path(hidden_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hidden_dir.mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i, "name": name, "supercategory": name} for i, name in enumerate(classes) if i > 0]
+    per_batch = math.ceil(n_train / n_batches)
+    names = {"train": _file_names(n_train, 1, per_batch), "test": _file_names(n_test, n_batches + 1, per_batch)}
+    jobs = [(seed, SPLIT_CODE[s], i, image_size) for s in ("train", "test") for i in range(len(names[s]))]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) >= 64:  # per-image seeds: identical output for any worker count
+        with get_context("fork").Pool(workers) as pool:
+            rendered = pool.map(_render, jobs, chunksize=16)
+    else:
+        rendered = [_render(j) for j in jobs]
+    coco: dict[str, dict] = {}
+    k = 0
+    for split in ("train", "test"):
+        images, anns = [], []
+        for i, name in enumerate(names[split]):
+            jpg, raw = rendered[k]
+            k += 1
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / name).write_bytes(jpg)
+            images.append({"id": i, "file_name": name, "width": image_size, "height": image_size})
+            for a in raw:
+                anns.append(_finish_annotation(a, len(anns), i, image_size))
+        coco[split] = {"images": images, "annotations": anns, "categories": categories}
+
+    train_all = coco["train"]
+    rng = np.random.default_rng([seed, 99])
+    val_ids = set(rng.permutation(n_train)[: max(1, round(n_train * val_fraction))].tolist())
+
+    def subset(keep) -> dict:
+        return {"images": [im for im in train_all["images"] if keep(im["id"])],
+                "annotations": [a for a in train_all["annotations"] if keep(a["image_id"])],
+                "categories": categories}
+
+    _write_json(out_dir / "train_all.json", train_all)
+    _write_json(out_dir / "train.json", subset(lambda i: i not in val_ids))
+    _write_json(out_dir / "val.json", subset(lambda i: i in val_ids))
+    _write_json(out_dir / "test.json", {**coco["test"], "annotations": []})
+
+    # Leaderboard-only: test labels at submission resolution (256, nearest) and the public/private split.
+    test_coco = CocoFile(hidden_dir / "test_full.json", coco["test"]["images"], coco["test"]["annotations"],
+                         categories)
+    cmap = {c["id"]: c["id"] for c in categories}
+    labels = np.stack([
+        cv2.resize(rasterize(test_coco, im["id"], cmap, "max"), (256, 256), interpolation=cv2.INTER_NEAREST)
+        for im in coco["test"]["images"]
+    ]) if n_test else np.zeros((0, 256, 256), np.uint8)
+    np.save(hidden_dir / "labels.npy", labels.astype(np.uint8))
+    public = np.zeros(n_test, bool)
+    public[np.random.default_rng([seed, 7]).permutation(n_test)[: n_test // 2]] = True
+    _write_json(hidden_dir / "index.json", {"file_names": names["test"], "public": public.tolist(),
+                                            "classes": list(classes)})
+    _write_json(hidden_dir / "test_full.json", coco["test"])  # the labelled test COCO, for audits only
+
+    per_class = {classes[c]: 0 for c in range(1, 11)}
+    for a in train_all["annotations"]:
+        per_class[classes[a["category_id"]]] += 1
+    return SynthSummary(out_dir, hidden_dir, n_train, len(val_ids), n_test, len(train_all["annotations"]),
+                        per_class)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, separators=(",", ":")))

@@ -1,0 +1,107 @@
+"""The synthetic generator: deterministic, competition layout, class imbalance, hidden labels = polygons."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from segpipe.coco import class_map, load_coco, rasterize
+from segpipe.config import TRASH_CLASSES
+from segpipe.synth import generate
+
+KW = dict(n_train=40, n_test=10, image_size=64, n_batches=4, val_fraction=0.25, classes=TRASH_CLASSES)
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root / "data", root / "hidden", seed=0, **KW)
+    return root / "data", root / "hidden"
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    kw = {**KW, "n_train": 60, "n_test": 10}   # >= 64 images: the multiprocessing path runs
+    generate(tmp_path / "a" / "data", tmp_path / "a" / "hidden", seed=0, workers=1, **kw)
+    generate(tmp_path / "b" / "data", tmp_path / "b" / "hidden", seed=0, workers=2, **kw)
+    generate(tmp_path / "c" / "data", tmp_path / "c" / "hidden", seed=1, **kw)
+    a = tree_hash(tmp_path / "a")
+    assert len(a) == 70 + 4 + 3 and a == tree_hash(tmp_path / "b")   # per-image seeds: any worker count
+    assert a["data/train_all.json"] != tree_hash(tmp_path / "c")["data/train_all.json"]
+
+
+def test_competition_layout(synth):
+    data, hidden = synth
+    assert sorted(p.name for p in data.iterdir() if p.is_file()) == ["test.json", "train.json", "train_all.json",
+                                                                    "val.json"]
+    train_all, train, val, test = (json.loads((data / f).read_text())
+                                   for f in ("train_all.json", "train.json", "val.json", "test.json"))
+    assert [c["name"] for c in train_all["categories"]] == list(TRASH_CLASSES[1:])
+    assert [c["id"] for c in train_all["categories"]] == list(range(1, 11))
+    assert len(train_all["images"]) == 40 and len(test["images"]) == 10 and test["annotations"] == []
+    assert len(val["images"]) == 10 and len(train["images"]) == 30
+    assert {i["id"] for i in train["images"]}.isdisjoint({i["id"] for i in val["images"]})
+    assert train_all["images"][0]["file_name"] == "batch_01_vt/0001.jpg"
+    assert {i["file_name"].split("/")[0] for i in train_all["images"]} == {f"batch_0{k}_vt" for k in (1, 2, 3, 4)}
+    assert test["images"][0]["file_name"].startswith("batch_05_vt/")
+    for im in train_all["images"] + test["images"]:
+        img = cv2.imread(str(data / im["file_name"]))
+        assert img.shape == (64, 64, 3)
+    anns = train_all["annotations"]
+    assert {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"} <= set(anns[0])
+    kinds = {type(a["segmentation"]).__name__ for a in anns}
+    assert kinds == {"list", "dict"}                      # polygons and some crowd RLE
+    assert all(a["iscrowd"] == isinstance(a["segmentation"], dict) for a in anns)
+    per_image = np.bincount([a["image_id"] for a in anns], minlength=40)
+    assert per_image.max() <= 8 and per_image.min() >= 0
+
+
+def test_class_imbalance(tmp_path):
+    generate(tmp_path / "d", tmp_path / "h", seed=3, **{**KW, "n_train": 300, "n_test": 1})
+    anns = json.loads((tmp_path / "d" / "train_all.json").read_text())["annotations"]
+    counts = np.bincount([a["category_id"] for a in anns], minlength=11)
+    assert counts[2] > 10 * counts[9] and counts[8] > 10 * counts[10]      # Paper/Plastic bag vs Battery/Clothing
+    assert counts[2] > counts[3] and counts[8] > counts[5]
+    areas = np.array([a["area"] for a in anns])
+    assert areas.min() < 30 and areas.max() > 0.15 * 64 * 64               # tiny to large objects
+
+
+def test_hidden_labels_match_rasterised_polygons(synth):
+    data, hidden = synth
+    labels = np.load(hidden / "labels.npy")
+    index = json.loads((hidden / "index.json").read_text())
+    test = json.loads((data / "test.json").read_text())
+    assert labels.shape == (10, 256, 256) and labels.dtype == np.uint8
+    assert index["file_names"] == [i["file_name"] for i in test["images"]]
+    assert sum(index["public"]) == 5 and index["classes"] == list(TRASH_CLASSES)
+    full = load_coco(hidden / "test_full.json")
+    cmap = class_map(full.categories, TRASH_CLASSES)
+    for k, im in enumerate(full.images):
+        mask = rasterize(full, im["id"], cmap, "max")
+        assert np.array_equal(cv2.resize(mask, (256, 256), interpolation=cv2.INTER_NEAREST), labels[k])
+    assert (labels > 0).mean() > 0.02 and len(np.unique(labels)) > 3
+
+
+def test_pixels_follow_labels(synth):
+    """Objects are painted where their polygons are: object pixels differ from the background around them."""
+    data, _ = synth
+    coco = load_coco(data / "train_all.json")
+    cmap = class_map(coco.categories, TRASH_CLASSES)
+    diffs = []
+    for im in coco.images[:20]:
+        mask = rasterize(coco, im["id"], cmap)
+        img = cv2.imread(str(data / im["file_name"])).astype(float)
+        inner = cv2.erode((mask > 0).astype(np.uint8), np.ones((3, 3))) > 0
+        ring = (cv2.dilate((mask > 0).astype(np.uint8), np.ones((7, 7))) > 0) & (mask == 0)
+        if inner.sum() > 20 and ring.sum() > 20:
+            diffs.append(np.abs(img[inner].mean(0) - img[ring].mean(0)).sum())
+    assert np.median(diffs) > 15
