@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
+import random
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 
 class StorageError(RuntimeError):
@@ -61,3 +76,382 @@ class S3Config:
                 read_timeout=60,
             ),
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# ArtifactStore: content-checked, conditional, retrying access to one bucket (+ key prefix).
+# ----------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SHA256_META = "sha256"                   # object metadata key (sent as x-amz-meta-sha256)
+DEFAULT_RETRY_SECONDS = 90.0             # long enough to ride out a `segpipe stack down && up`
+MULTIPART_THRESHOLD = 64 * 1024 * 1024   # files above this go through boto3's managed multipart transfer
+_CHUNK = 1024 * 1024
+
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}
+_MISSING_BUCKET_CODES = {"NoSuchBucket"}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed"}
+
+
+class CorruptArtifactError(StorageError):
+    """An object's content does not match the sha256 recorded when it was written."""
+
+
+class ArtifactExistsError(StorageError):
+    """A conditional write found the key already holding different content."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _status(e: ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
+        return True
+    if isinstance(e, ClientError):
+        return _status(e) >= 500 or _code(e) in _TRANSIENT_CODES
+    # s3transfer wraps the underlying error; look through the chain
+    cause = e.__cause__ or e.__context__
+    return cause is not None and cause is not e and _is_transient(cause)
+
+
+def _atomic_write(local: Path, write: Callable[[object], None]) -> None:
+    """Write through a temp file in the target folder, then os.replace: readers never see half a file."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".part", dir=local.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactStore:
+    """Checksummed artifacts under `s3://<bucket>/<prefix>/`; writes never clobber another run's keys.
+
+    Every object carries the sha256 of its content in metadata; reads verify it. Transient failures
+    (connection refused, timeouts, 5xx) are retried with exponential backoff for up to `retry_seconds`
+    in total, so a store restarted mid-run costs a pause, not the run.
+    """
+
+    def __init__(
+        self,
+        cfg: S3Config,
+        prefix: str = "",
+        *,
+        retry_seconds: float | None = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+    ) -> None:
+        self.cfg = cfg
+        self.prefix = prefix.strip("/")
+        if retry_seconds is None:
+            retry_seconds = float(os.environ.get("SEGPIPE_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
+        self.retry_seconds = retry_seconds
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                       multipart_chunksize=max(multipart_threshold // 4, 5 * 1024 * 1024))
+        # own clients without botocore's retries: _call owns the (bounded, total-time) retry policy
+        self._client = self._make_client()
+        self._conditional_client = self._make_client()
+        # s3transfer does not pass IfNoneMatch through; add it to the final CompleteMultipartUpload
+        self._conditional_client.meta.events.register(
+            "before-parameter-build.s3.CompleteMultipartUpload", _add_if_none_match
+        )
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url('')!r}, endpoint={self.cfg.endpoint_url!r})"
+
+    def _make_client(self):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.cfg.endpoint_url,
+            aws_access_key_id=self.cfg.access_key,
+            aws_secret_access_key=self.cfg.secret_key,
+            region_name=self.cfg.region,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
+
+    # ---- keys ---------------------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def url(self, key: str) -> str:
+        """An s3:// URI for display (logs, reports); not a download link."""
+        return f"s3://{self.cfg.bucket}/{self._key(key)}"
+
+    # ---- error policy -------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one S3 operation, retrying transient failures; map the rest to actionable StorageErrors."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except ClientError as e:
+                code = _code(e)
+                if code in _CREDENTIAL_CODES or _status(e) == 403:
+                    raise StorageError(
+                        f"S3 at {self._endpoint()} refused the credentials ({code}) during {what}: check "
+                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (for the local stack: "
+                        "`source .segpipe/credentials.env`) and that this identity may use bucket "
+                        f"{self.cfg.bucket!r}"
+                    ) from None
+                if code in _MISSING_BUCKET_CODES:
+                    raise StorageError(
+                        f"bucket {self.cfg.bucket!r} does not exist at {self._endpoint()}: run "
+                        "`segpipe stack up` (it creates it), create it, or set SEGPIPE_S3_BUCKET"
+                    ) from None
+                if not _is_transient(e):
+                    raise StorageError(f"S3 {what} at {self._endpoint()} failed: {code}: {e}") from e
+                err: BaseException = e
+            except Exception as e:  # s3transfer and urllib3 wrap the transient ones; see _is_transient
+                if isinstance(e, StorageError) or not _is_transient(e):
+                    raise
+                err = e
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StorageError(
+                    f"cannot reach S3 at {self._endpoint()} for {what} after {attempt} attempts in "
+                    f"{self.retry_seconds:.0f}s ({type(err).__name__}: {err}): is the store running? "
+                    "Run `segpipe stack up`, or check SEGPIPE_S3_ENDPOINT"
+                ) from err
+            sleep = min(delay * (0.5 + random.random()), remaining, 10.0)
+            log.warning("S3 %s failed (%s); retry %d in %.1fs <SEGPIPE_S3_RETRY_SECONDS=%.0f>",
+                        what, type(err).__name__, attempt, sleep, self.retry_seconds)
+            time.sleep(sleep)
+            delay *= 2
+
+    def _endpoint(self) -> str:
+        return self.cfg.endpoint_url or "AWS S3"
+
+    def check(self) -> None:
+        """A cheap round trip at start-up: fails fast with what to do if the store is unusable."""
+        self._call("check", lambda: self._client.list_objects_v2(Bucket=self.cfg.bucket, MaxKeys=1))
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def _head(self, key: str) -> dict | None:
+        def head():
+            try:
+                return self._client.head_object(Bucket=self.cfg.bucket, Key=self._key(key))
+            except ClientError as e:
+                if _code(e) in {"404", "NoSuchKey", "NotFound"}:
+                    return None
+                raise
+        return self._call(f"head {key}", head)
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def sha256(self, key: str) -> str | None:
+        """The recorded sha256 of `key`; None if the object has none (not written by ArtifactStore)."""
+        head = self._head(key)
+        if head is None:
+            raise StorageError(f"{self.url(key)} does not exist")
+        return head.get("Metadata", {}).get(SHA256_META)
+
+    def _read_into(self, key: str, sink) -> str:
+        """Stream `key` into `sink`, verifying the recorded sha256; returns it."""
+        def get():
+            try:
+                resp = self._client.get_object(Bucket=self.cfg.bucket, Key=self._key(key))
+            except ClientError as e:
+                if _code(e) in {"404", "NoSuchKey"}:
+                    raise StorageError(f"{self.url(key)} does not exist") from None
+                raise
+            sink.seek(0)
+            sink.truncate()
+            h = hashlib.sha256()
+            for block in resp["Body"].iter_chunks(_CHUNK):
+                h.update(block)
+                sink.write(block)
+            return resp.get("Metadata", {}).get(SHA256_META), h.hexdigest()
+
+        expected, actual = self._call(f"get {key}", get)
+        if expected is None:
+            log.warning("%s has no recorded sha256 (not written by ArtifactStore); content not verified",
+                        self.url(key))
+        elif expected != actual:
+            raise CorruptArtifactError(
+                f"{self.url(key)} is corrupt: content sha256 {actual[:12]}... != recorded {expected[:12]}...; "
+                "re-run the stage that wrote it"
+            )
+        return actual
+
+    def get_bytes(self, key: str) -> bytes:
+        buf = io.BytesIO()
+        self._read_into(key, buf)
+        return buf.getvalue()
+
+    def get_file(self, key: str, local: Path | str) -> Path:
+        """Download `key` to `local` (atomically; nothing is left there if the check fails)."""
+        local = Path(local)
+        _atomic_write(local, lambda f: self._read_into(key, f))
+        return local
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys (relative to the store prefix) under `prefix`, sorted."""
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+
+        def list_all():
+            keys = []
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.cfg.bucket,
+                                                                              Prefix=full):
+                keys += [o["Key"] for o in page.get("Contents", [])]
+            return keys
+        return sorted(self._rel(k) for k in self._call(f"list {prefix}", list_all))
+
+    def download_dir(self, key_prefix: str, local_dir: Path | str) -> list[Path]:
+        """Mirror every key under `key_prefix/` into `local_dir` (verified); returns the local paths."""
+        local_dir = Path(local_dir)
+        base = key_prefix.strip("/")
+        keys = self.list(f"{base}/" if base else "")
+        if not keys:
+            raise StorageError(f"nothing under {self.url(base)}/ to download")
+        out = []
+        for key in keys:
+            rel = key[len(base):].lstrip("/")
+            out.append(self.get_file(key, local_dir / rel))
+        return out
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def _resolve_conflict(self, key: str, digest: str) -> str:
+        existing = self.sha256(key)
+        if existing == digest:
+            log.info("%s already holds this content (sha256 %s...); nothing to do", self.url(key), digest[:12])
+            return self.url(key)
+        raise ArtifactExistsError(
+            f"{self.url(key)} already exists with different content (sha256 {str(existing)[:12]}... vs "
+            f"{digest[:12]}...); artifacts are write-once: use a new key (run id) or overwrite=True"
+        )
+
+    def put_bytes(self, data: bytes, key: str, *, overwrite: bool = False) -> str:
+        """Store `data` under `key`; returns its s3:// URI. Same content already there = success."""
+        digest = hashlib.sha256(data).hexdigest()
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+
+        def put():
+            try:
+                self._client.put_object(Bucket=self.cfg.bucket, Key=self._key(key), Body=data,
+                                        Metadata={SHA256_META: digest}, **extra)
+                return True
+            except ClientError as e:
+                if _code(e) in {"PreconditionFailed", "412"} or _status(e) == 412:
+                    return False
+                raise
+        if self._call(f"put {key}", put):
+            return self.url(key)
+        return self._resolve_conflict(key, digest)
+
+    def put_file(self, local: Path | str, key: str, *, overwrite: bool = False) -> str:
+        """Upload `local` to `key` (multipart above the threshold); returns its s3:// URI.
+
+        By default a conditional write: an existing key with the same sha256 is a successful no-op
+        (a retried task), one with different content raises ArtifactExistsError.
+        """
+        local = Path(local)
+        if not local.is_file():
+            raise FileNotFoundError(f"{local} is not a file")
+        digest = sha256_file(local)
+        size = local.stat().st_size
+        if size < self.transfer.multipart_threshold:
+            extra = {} if overwrite else {"IfNoneMatch": "*"}
+
+            def put():
+                try:
+                    with open(local, "rb") as f:
+                        self._client.put_object(Bucket=self.cfg.bucket, Key=self._key(key), Body=f,
+                                                Metadata={SHA256_META: digest}, **extra)
+                    return True
+                except ClientError as e:
+                    if _code(e) in {"PreconditionFailed", "412"} or _status(e) == 412:
+                        return False
+                    raise
+            if self._call(f"put {key}", put):
+                return self.url(key)
+            return self._resolve_conflict(key, digest)
+
+        # large file: boto3 managed transfer (parallel multipart); conditional on the final complete
+        if not overwrite and self.exists(key):
+            return self._resolve_conflict(key, digest)
+        client = self._client if overwrite else self._conditional_client
+
+        def upload():
+            try:
+                client.upload_file(str(local), self.cfg.bucket, self._key(key),
+                                   ExtraArgs={"Metadata": {SHA256_META: digest}}, Config=self.transfer)
+                return True
+            except Exception as e:
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, ClientError) and (_code(cause) == "PreconditionFailed" or _status(cause) == 412):
+                    return False
+                if "PreconditionFailed" in str(e):
+                    return False
+                raise
+        if self._call(f"multipart put {key}", upload):
+            return self.url(key)
+        return self._resolve_conflict(key, digest)
+
+    def upload_dir(self, local_dir: Path | str, key_prefix: str, *, overwrite: bool = False) -> list[str]:
+        """Upload every file under `local_dir` to `key_prefix/<relative path>`; returns the keys."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise FileNotFoundError(f"{local_dir} is not a directory")
+        base = key_prefix.strip("/")
+        keys = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            key = f"{base}/{rel}" if base else rel
+            self.put_file(path, key, overwrite=overwrite)
+            keys.append(key)
+        return keys
+
+
+def _add_if_none_match(params, **kwargs) -> None:
+    params.setdefault("IfNoneMatch", "*")
+
+
+def ensure_bucket(cfg: S3Config, bucket: str, *, retry_seconds: float = 60.0) -> None:
+    """Create `bucket` if it is missing (used by `segpipe stack up`; retries while the store starts)."""
+    store = ArtifactStore(S3Config(cfg.endpoint_url, cfg.access_key, cfg.secret_key, bucket, cfg.region),
+                          retry_seconds=retry_seconds)
+
+    def create():
+        try:
+            store._client.create_bucket(Bucket=bucket)
+        except ClientError as e:
+            if _code(e) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise
+    store._call(f"create bucket {bucket}", create)

@@ -1,0 +1,71 @@
+"""`segpipe`: `stack up|down|status` starts the local services; `leaderboard ...` is the leaderboard tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from segpipe import stack
+from segpipe.storage import StorageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stack", help="start/stop/show the local S3, Prefect and leaderboard services")
+    st_sub = st.add_subparsers(dest="action", required=True)
+    for action, help_ in (("up", "start the missing services (idempotent)"),
+                          ("down", "stop the services `up` started; data is kept"),
+                          ("status", "show each service, its state, URL and pid")):
+        a = st_sub.add_parser(action, help=help_)
+        a.add_argument("--home", help="stack home (default: $SEGPIPE_HOME or ./.segpipe)")
+        if action == "up":
+            a.add_argument("--only", help=f"comma-separated subset of {','.join(stack.SERVICES)}")
+            a.add_argument("--no-leaderboard", action="store_true", help="start everything but the leaderboard")
+            a.add_argument("--s3-port", type=int, help="S3 endpoint port (env SEGPIPE_S3_PORT, default 8333)")
+            a.add_argument("--prefect-port", type=int, help="Prefect port (env SEGPIPE_PREFECT_PORT, default 4200)")
+            a.add_argument("--leaderboard-port", type=int,
+                           help="leaderboard port (env SEGPIPE_LEADERBOARD_PORT, default 8765)")
+            a.add_argument("--weed-base-port", type=int,
+                           help="first of 7 consecutive SeaweedFS internal ports (env SEGPIPE_WEED_BASE_PORT, "
+                                "default s3 port + 1; each also uses port + 10000 for gRPC)")
+            a.add_argument("--labels", help="hidden test labels for the leaderboard (default: data.hidden_labels)")
+    sub.add_parser("leaderboard", help="the leaderboard client/server (segpipe leaderboard --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "leaderboard":
+        from segpipe import leaderboard   # lazy: the stack commands must not pay for (or need) it
+        return leaderboard.main(argv[1:]) or 0
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.action == "up":
+            services = args.only.split(",") if args.only else list(stack.SERVICES)
+            if args.no_leaderboard:
+                services = [s for s in services if s != "leaderboard"]
+            ports = {"s3": args.s3_port, "prefect": args.prefect_port, "leaderboard": args.leaderboard_port,
+                     "weed_base": args.weed_base_port}
+            t0 = time.monotonic()
+            st = stack.up(args.home, {k: v for k, v in ports.items() if v}, [s.strip() for s in services],
+                          labels=args.labels)
+            print(stack.format_status(st))
+            home = stack.stack_home(args.home)
+            print(f"\nup in {time.monotonic() - t0:.0f}s; credentials: source {home / 'credentials.env'}")
+        elif args.action == "down":
+            stopped = stack.down(args.home)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        else:
+            print(stack.format_status(stack.status(args.home)))
+    except (stack.StackError, StorageError) as e:
+        print(f"segpipe stack {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The local services: SeaweedFS S3, the Prefect server + a worker, the leaderboard emulator.
+
+`up` is idempotent and binds everything to 127.0.0.1. Each service runs as a detached process
+(own session, log file under `<home>/logs/`); its pid and start time go into `<home>/state.json`
+so `down` stops exactly the processes `up` started, never a stranger that reused a pid or a port.
+Credentials are generated once and kept in `<home>/credentials.env` (mode 0600); the worker and
+the leaderboard get them through their environment, so secrets never pass through Prefect
+parameters, params.yaml, logs or git.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from segpipe.storage import S3Config, ensure_bucket
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("s3", "prefect", "worker", "leaderboard")      # start order; `down` stops in reverse
+HOST = "127.0.0.1"
+DEFAULT_PORTS = {"s3": 8333, "prefect": 4200, "leaderboard": 8765}
+PORT_ENV = {"s3": "SEGPIPE_S3_PORT", "prefect": "SEGPIPE_PREFECT_PORT",
+            "leaderboard": "SEGPIPE_LEADERBOARD_PORT", "weed_base": "SEGPIPE_WEED_BASE_PORT"}
+# weed mini's internal services; bound to 127.0.0.1 they collide unless each gets its own port.
+# They take weed_base, weed_base+1, ... (default s3+1); weed adds 10000 for each gRPC port.
+WEED_INTERNAL = ("master", "volume", "filer", "admin", "iceberg", "lance", "webdav")
+WEED_FLAGS = {"master": "-master.port", "volume": "-volume.port", "filer": "-filer.port",
+              "admin": "-admin.port", "iceberg": "-s3.port.iceberg", "lance": "-s3.port.lance",
+              "webdav": "-webdav.port"}
+BUCKETS = ("segpipe", "dvc")          # artifacts; the DVC remote (s3://dvc/segpipe)
+WORK_POOL = "segpipe"
+WORKER_LIMIT = 4                      # concurrent flow runs: a nightly run plus a manual one, with room
+DVC_REMOTE = "storage"
+DVC_REMOTE_URL = "s3://dvc/segpipe"
+START_TIMEOUT = {"s3": 60.0, "prefect": 150.0, "worker": 90.0, "leaderboard": 60.0}
+
+
+class StackError(RuntimeError):
+    """A service cannot start or stop; the message names the service, the port and what to do."""
+
+
+# ---- home, ports, state ------------------------------------------------------------------------
+
+def stack_home(home: Path | str | None = None) -> Path:
+    """`home`, else $SEGPIPE_HOME, else ./.segpipe (git-ignored)."""
+    return Path(home or os.environ.get("SEGPIPE_HOME") or ".segpipe").resolve()
+
+
+def resolve_ports(ports: dict[str, int] | None = None, env: dict | None = None) -> dict[str, int]:
+    """Public ports (s3, prefect, leaderboard) and weed's internal ones: defaults < env < `ports`."""
+    env = os.environ if env is None else env
+    ports = {k: int(v) for k, v in (ports or {}).items() if v is not None}
+    out = {k: int(ports.get(k) or env.get(PORT_ENV[k]) or v) for k, v in DEFAULT_PORTS.items()}
+    base = int(ports.get("weed_base") or env.get(PORT_ENV["weed_base"]) or out["s3"] + 1)
+    for i, name in enumerate(WEED_INTERNAL):
+        out[f"weed_{name}"] = int(ports.get(f"weed_{name}") or base + i)
+    unknown = set(ports) - set(out) - {"weed_base"}
+    if unknown:
+        raise StackError(f"unknown port names {sorted(unknown)}; valid: {sorted(out)} and weed_base")
+    for name in ("s3", *(f"weed_{n}" for n in WEED_INTERNAL)):
+        if out[name] + 10000 > 65535:   # weed binds gRPC at port+10000
+            raise StackError(f"port {out[name]} ({name}) too high: SeaweedFS also binds port+10000 for gRPC")
+    return out
+
+
+def _state_path(home: Path) -> Path:
+    return home / "state.json"
+
+
+def _load_state(home: Path) -> dict:
+    p = _state_path(home)
+    return json.loads(p.read_text()) if p.is_file() else {"services": {}, "ports": {}}
+
+
+def _atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")   # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_state(home: Path, state: dict) -> None:
+    _atomic_text(_state_path(home), json.dumps(state, indent=2, sort_keys=True))
+
+
+# ---- credentials ---------------------------------------------------------------------------------
+
+def load_env(home: Path | str | None = None) -> dict[str, str]:
+    """Parse `<home>/credentials.env` (`export KEY=VALUE` lines) into a dict; {} if absent."""
+    path = stack_home(home) / "credentials.env"
+    if not path.is_file():
+        return {}
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key.strip()] = value.strip().strip("'\"")
+    return env
+
+
+def _write_credentials(home: Path, ports: dict[str, int]) -> dict[str, str]:
+    """Keep the generated secrets, refresh the URLs (ports may change between `up`s)."""
+    old = load_env(home)
+    env = {
+        "AWS_ACCESS_KEY_ID": old.get("AWS_ACCESS_KEY_ID") or "SEGPIPE" + secrets.token_hex(8).upper(),
+        "AWS_SECRET_ACCESS_KEY": old.get("AWS_SECRET_ACCESS_KEY") or secrets.token_hex(24),
+        "SEGPIPE_S3_ENDPOINT": f"http://{HOST}:{ports['s3']}",
+        "SEGPIPE_S3_BUCKET": "segpipe",
+        "SEGPIPE_LEADERBOARD_KEY": old.get("SEGPIPE_LEADERBOARD_KEY") or secrets.token_urlsafe(24),
+        "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
+    }
+    text = "# written by `segpipe stack up`: secrets, never commit; load with `source` this file\n"
+    text += "".join(f"export {k}={v}\n" for k, v in env.items())
+    _atomic_text(home / "credentials.env", text, mode=0o600)
+    return env
+
+
+def _s3_config(env: dict[str, str], bucket: str = "segpipe") -> S3Config:
+    return S3Config(env["SEGPIPE_S3_ENDPOINT"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], bucket)
+
+
+# ---- processes -----------------------------------------------------------------------------------
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of `pid` (identifies the process across pid reuse); None if gone/zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)           # reap it if it is our own dead child
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _alive(rec: dict | None) -> bool:
+    return bool(rec) and _start_time(rec["pid"]) == rec["start_time"]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def _spawn(home: Path, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> dict:
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    logfile = logs / f"{name}.log"
+    with open(logfile, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} segpipe stack up: {cmd[0]} {' '.join(cmd[1:3])} ...\n"
+                  .encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=cwd, start_new_session=True)   # own group: `down` kills it whole
+    start = _start_time(proc.pid)
+    return {"pid": proc.pid, "start_time": start, "log": str(logfile), "cmd": cmd[:2]}
+
+
+def _log_tail(rec: dict, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(rec["log"]).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(name: str, rec: dict, ready, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(rec):
+            raise StackError(f"{name} exited during start-up; last lines of {rec['log']}:\n{_log_tail(rec)}")
+        if ready():
+            return
+        time.sleep(0.3)
+    raise StackError(f"{name} did not become ready in {timeout:.0f}s; see {rec['log']}:\n{_log_tail(rec)}")
+
+
+def _stop(rec: dict, timeout: float = 15.0) -> bool:
+    """SIGTERM the process group `up` created, SIGKILL after `timeout`; only if it is still ours."""
+    if not _alive(rec):
+        return False
+    pid = rec["pid"]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)       # start_new_session made pid the group id
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _start_time(pid) is None:
+                return True
+            time.sleep(0.2)
+    return _start_time(pid) is None
+
+
+def _bin(name: str) -> str:
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return str(found)
+    which = shutil.which(name)
+    if not which:
+        raise StackError(f"`{name}` not found next to {sys.executable} or on PATH: install the project (`make setup`)")
+    return which
+
+
+def _ensure_free(service: str, ports: dict[str, int]) -> None:
+    for label, port in ports.items():
+        if _port_open(port):
+            flag = {"s3": "--s3-port", "prefect": "--prefect-port", "leaderboard": "--leaderboard-port"}.get(
+                label, "--weed-base-port")
+            raise StackError(
+                f"port {port} ({service}: {label}) is already in use by a process `segpipe stack up` did not "
+                f"start; stop it, or choose another port ({flag} or {PORT_ENV.get(label, PORT_ENV['weed_base'])})"
+            )
+
+
+# ---- the services --------------------------------------------------------------------------------
+
+def _prefect_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
+    prefect_home = home / "prefect"
+    prefect_home.mkdir(exist_ok=True)
+    api = f"http://{HOST}:{ports['prefect']}/api"
+    return {
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
+    weed_ports = {"s3": ports["s3"], **{n: ports[f"weed_{n}"] for n in WEED_INTERNAL}}
+    _ensure_free("s3", weed_ports)
+    _ensure_free("s3", {f"{k} gRPC": p + 10000 for k, p in weed_ports.items()})
+    root = home / "s3"
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    identity = {"identities": [{"name": "segpipe",
+                                "credentials": [{"accessKey": env["AWS_ACCESS_KEY_ID"],
+                                                 "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
+                                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    _atomic_text(root / "s3.json", json.dumps(identity), mode=0o600)
+    cmd = [_bin("weed"), "mini", f"-dir={root / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+           f"-s3.port={ports['s3']}", f"-s3.config={root / 's3.json'}",
+           *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
+    rec = _spawn(home, "s3", cmd, dict(os.environ), cwd)
+    _wait("s3", rec, lambda: _port_open(ports["s3"]), START_TIMEOUT["s3"])
+    return rec
+
+
+def _after_s3(env: dict[str, str]) -> None:
+    for bucket in BUCKETS:   # the port answers before the filer is ready: ensure_bucket retries
+        ensure_bucket(_s3_config(env), bucket, retry_seconds=START_TIMEOUT["s3"])
+
+
+def _prefect_healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://{HOST}:{port}/api/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _start_prefect(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
+    _ensure_free("prefect", {"prefect": ports["prefect"]})
+    penv = {**os.environ, **_prefect_env(home, ports)}
+    cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"]), "--analytics-off"]
+    rec = _spawn(home, "prefect", cmd, penv, cwd)
+    _wait("prefect", rec, lambda: _prefect_healthy(ports["prefect"]), START_TIMEOUT["prefect"])
+    return rec
+
+
+def _ensure_work_pool(home: Path, ports: dict[str, int], cwd: Path) -> None:
+    api = f"http://{HOST}:{ports['prefect']}/api"
+    if requests.get(f"{api}/work_pools/{WORK_POOL}", timeout=10).status_code == 200:
+        return
+    # the CLI fills in the process worker's base job template, which a bare API call would not
+    res = subprocess.run([_bin("prefect"), "work-pool", "create", WORK_POOL, "--type", "process"],
+                         env={**os.environ, **_prefect_env(home, ports)}, cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    if res.returncode != 0 and "already exists" not in res.stdout + res.stderr:
+        raise StackError(f"creating work pool {WORK_POOL!r} failed:\n{res.stdout}{res.stderr}")
+
+
+def _worker_online(ports: dict[str, int], name: str) -> bool:
+    try:
+        r = requests.post(f"http://{HOST}:{ports['prefect']}/api/work_pools/{WORK_POOL}/workers/filter",
+                          json={}, timeout=5)
+        return r.ok and any(w.get("name") == name for w in r.json())
+    except requests.RequestException:
+        return False
+
+
+def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
+    if not _prefect_healthy(ports["prefect"]):
+        raise StackError(f"the worker needs the Prefect server on port {ports['prefect']}: "
+                         "`segpipe stack up --only prefect,worker`")
+    _ensure_work_pool(home, ports, cwd)
+    name = f"segpipe-{socket.gethostname()}-{ports['prefect']}"
+    # flow runs inherit this environment: that is how they get the S3 credentials, not via parameters
+    wenv = {**os.environ, **env, **_prefect_env(home, ports), "SEGPIPE_HOME": str(home)}
+    cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+           "--limit", str(WORKER_LIMIT), "--name", name]
+    rec = _spawn(home, "worker", cmd, wenv, cwd)
+    _wait("worker", rec, lambda: _worker_online(ports, name), START_TIMEOUT["worker"])
+    return rec
+
+
+def _leaderboard_labels(cwd: Path, labels: Path | str | None) -> Path:
+    if labels is None:
+        from segpipe.config import ParamsError, load_params
+        try:
+            labels = load_params("data", path=cwd / "params.yaml").hidden_labels
+        except ParamsError as e:
+            raise StackError(f"leaderboard: cannot read data.hidden_labels ({e}); pass --labels DIR") from None
+        if not labels:
+            raise StackError("leaderboard: data.hidden_labels is empty in params.yaml; pass --labels DIR "
+                             "or leave the leaderboard out (--only s3,prefect,worker)")
+    return (cwd / labels).resolve()
+
+
+def _start_leaderboard(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path,
+                       labels: Path | str | None = None) -> dict:
+    _ensure_free("leaderboard", {"leaderboard": ports["leaderboard"]})
+    if importlib.util.find_spec("segpipe.leaderboard") is None:
+        raise StackError("segpipe.leaderboard is not installed; leave it out with --only s3,prefect,worker")
+    labels_dir = _leaderboard_labels(cwd, labels)
+    if not labels_dir.is_dir():
+        log.warning("leaderboard labels %s do not exist yet (the server loads them lazily) <data.hidden_labels>",
+                    labels_dir)
+    state_dir = home / "leaderboard"
+    state_dir.mkdir(exist_ok=True)
+    lenv = {**os.environ, **env, "SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"]}
+    lenv.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", HOST, "--port", str(ports["leaderboard"]),
+           "--labels", str(labels_dir), "--state-dir", str(state_dir)]
+    rec = _spawn(home, "leaderboard", cmd, lenv, cwd)
+    _wait("leaderboard", rec, lambda: _port_open(ports["leaderboard"]), START_TIMEOUT["leaderboard"])
+    return rec
+
+
+def _configure_dvc(cwd: Path, env: dict[str, str]) -> bool:
+    """Point the DVC remote at the stack's S3; secrets go to .dvc/config.local (git-ignored) only."""
+    if not (cwd / ".dvc").is_dir():
+        return False
+    dvc = _bin("dvc")
+
+    def run(*args: str) -> str:
+        res = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            # never echo the command line: it may hold the secret
+            raise StackError(f"`dvc {args[0]} {args[1]}` failed: {res.stderr.strip() or res.stdout.strip()}")
+        return res.stdout
+
+    remotes = {line.split()[0] for line in run("remote", "list").splitlines() if line.strip()}
+    if DVC_REMOTE not in remotes:
+        run("remote", "add", "--local", DVC_REMOTE, DVC_REMOTE_URL)
+    for option, value in (("endpointurl", env["SEGPIPE_S3_ENDPOINT"]),
+                          ("access_key_id", env["AWS_ACCESS_KEY_ID"]),
+                          ("secret_access_key", env["AWS_SECRET_ACCESS_KEY"])):
+        run("remote", "modify", "--local", DVC_REMOTE, option, value)
+    return True
+
+
+# ---- the API --------------------------------------------------------------------------------------
+
+def _running(name: str, rec: dict | None, ports: dict[str, int]) -> bool:
+    if not _alive(rec):
+        return False
+    port = {"s3": "s3", "prefect": "prefect", "leaderboard": "leaderboard"}.get(name)
+    return port is None or _port_open(ports[port])
+
+
+def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
+       services: list[str] | tuple[str, ...] | None = None, *, labels: Path | str | None = None,
+       cwd: Path | str | None = None) -> dict[str, dict]:
+    """Start the missing services (all by default), leave running ones alone; returns `status`."""
+    services = list(services or SERVICES)
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        raise StackError(f"unknown services {unknown}; valid: {', '.join(SERVICES)}")
+    home = stack_home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    cwd = Path(cwd or Path.cwd()).resolve()
+    state = _load_state(home)
+    ports = resolve_ports(ports)
+    # a running service keeps the ports it was started with
+    for name, rec in state["services"].items():
+        if _alive(rec):
+            ports.update({k: v for k, v in rec.get("ports", {}).items()})
+    env = _write_credentials(home, ports)
+    starters = {"s3": _start_s3, "prefect": _start_prefect, "worker": _start_worker,
+                "leaderboard": lambda *a: _start_leaderboard(*a, labels=labels)}
+    for name in SERVICES:
+        if name not in services:
+            continue
+        rec = state["services"].get(name)
+        if _alive(rec):
+            log.info("%s already running (pid %d)", name, rec["pid"])
+            if not _running(name, rec, ports):   # alive but still starting (an interrupted `up`)
+                ready = {"s3": lambda: _port_open(ports["s3"]),
+                         "prefect": lambda: _prefect_healthy(ports["prefect"]),
+                         "leaderboard": lambda: _port_open(ports["leaderboard"])}[name]
+                _wait(name, rec, ready, START_TIMEOUT[name])
+        else:
+            log.info("starting %s", name)
+            rec = starters[name](home, ports, env, cwd)
+            rec["ports"] = _service_ports(name, ports)
+            state["services"][name] = rec
+            _save_state(home, state)       # recorded at once: a failure later still lets `down` stop it
+        if name == "s3":
+            _after_s3(env)
+            _configure_dvc(cwd, env)
+    state["ports"] = ports
+    _save_state(home, state)
+    return status(home)
+
+
+def _service_ports(name: str, ports: dict[str, int]) -> dict[str, int]:
+    if name == "s3":
+        return {k: v for k, v in ports.items() if k == "s3" or k.startswith("weed_")}
+    if name in ("prefect", "worker"):
+        return {"prefect": ports["prefect"]}
+    return {"leaderboard": ports["leaderboard"]}
+
+
+def down(home: Path | str | None = None) -> list[str]:
+    """Stop the processes `up` started (still the same process, by pid + start time); keep all data."""
+    home = stack_home(home)
+    state = _load_state(home)
+    stopped = []
+    for name in reversed(SERVICES):
+        rec = state["services"].get(name)
+        if rec is None:
+            continue
+        if _stop(rec):
+            stopped.append(name)
+        del state["services"][name]
+        if home.is_dir():
+            _save_state(home, state)
+    return stopped
+
+
+def status(home: Path | str | None = None) -> dict[str, dict]:
+    """Per service: state (running / starting / stopped / port busy), url, pid."""
+    home = stack_home(home)
+    state = _load_state(home)
+    ports = resolve_ports()
+    ports.update(state.get("ports", {}))
+    out = {}
+    for name in SERVICES:
+        rec = state["services"].get(name)
+        p = {**ports, **(rec or {}).get("ports", {})}
+        url = {"s3": f"http://{HOST}:{p['s3']}",
+               "prefect": f"http://{HOST}:{p['prefect']}",
+               "worker": f"pool {WORK_POOL} @ http://{HOST}:{p['prefect']}/api",
+               "leaderboard": f"http://{HOST}:{p['leaderboard']}/"}[name]
+        if _alive(rec):
+            st = "running" if _running(name, rec, p) else "starting"
+            pid = rec["pid"]
+        else:
+            port = {"s3": "s3", "prefect": "prefect", "leaderboard": "leaderboard"}.get(name)
+            st = "port busy (not ours)" if port and _port_open(p[port]) else "stopped"
+            pid = None
+        out[name] = {"state": st, "url": url, "pid": pid}
+        if name == "prefect":
+            out[name]["api_url"] = f"{url}/api"
+        if rec:
+            out[name]["log"] = rec.get("log")
+    return out
+
+
+def format_status(st: dict[str, dict]) -> str:
+    rows = [("SERVICE", "STATE", "URL", "PID")]
+    for name, s in st.items():
+        rows.append((name, s["state"], s["url"], str(s["pid"] or "-")))
+        if "api_url" in s:
+            rows.append(("prefect-api", s["state"], s["api_url"], str(s["pid"] or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
