@@ -1,0 +1,244 @@
+"""Leaderboard client (AI Stages presigned-POST protocol, plain `requests`) and the `serve` entry point.
+
+The server lives in `segpipe.leaderboard_server`; it is imported only by `main(["serve", ...])`, so the client
+runs without FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from segpipe.submission import sha256_file
+
+log = logging.getLogger("segpipe.leaderboard")
+
+
+class LeaderboardError(RuntimeError):
+    """The leaderboard answered with an error, or could not be reached after the retries."""
+
+
+class LeaderboardAuthError(LeaderboardError):
+    """401: the key is missing or unknown (check SEGPIPE_LEADERBOARD_KEY)."""
+
+
+class SubmissionRefused(LeaderboardError):
+    """No submission was made: the daily limit is used up, or only the last slot is left."""
+
+
+class UploadRejected(LeaderboardError):
+    """The S3 store refused the presigned POST (policy, size, signature or expiry)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    daily_limit: int
+    used_today: int
+    remaining: int
+    resets_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: int
+    local_id: int
+    user: int
+    status: str                                  # pending | scored | failed
+    description: str = ""
+    hyperparameters: dict = field(default_factory=dict)
+    public_score: float | None = None
+    private_score: float | None = None           # None until the organiser reveals
+    public_per_class: dict | None = None
+    submitted_at: str | None = None
+    scored_at: str | None = None
+    error: str | None = None
+    content_sha256: str | None = None
+    existing: bool = False                       # the server returned an earlier submission of the same file
+
+    @classmethod
+    def from_json(cls, d: dict, existing: bool = False) -> "Submission":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "existing"}
+        return cls(**known, existing=existing)
+
+
+def _s3_error(resp: requests.Response) -> str:
+    code = re.search(r"<Code>(.*?)</Code>", resp.text or "")
+    msg = re.search(r"<Message>(.*?)</Message>", resp.text or "")
+    return f"{resp.status_code} {code.group(1) if code else ''} {msg.group(1) if msg else resp.text[:200]}".strip()
+
+
+class LeaderboardClient:
+    """Talks to an AI Stages style leaderboard; retries transport errors and 5xx, never 4xx."""
+
+    def __init__(self, base_url: str, competition_id: int, key: str, *, timeout: float = 30.0,
+                 retries: int = 4, backoff_s: float = 1.0, session: requests.Session | None = None):
+        if not key:
+            raise LeaderboardAuthError("no leaderboard key: set SEGPIPE_LEADERBOARD_KEY")
+        self.base_url = base_url.rstrip("/")
+        self.competition_id = competition_id
+        self._key = key
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.session = session or requests.Session()
+
+    def __repr__(self) -> str:
+        return f"LeaderboardClient(base_url={self.base_url!r}, competition_id={self.competition_id}, key=***)"
+
+    @property
+    def _api(self) -> str:
+        return f"{self.base_url}/api/v1/competition/{self.competition_id}"
+
+    def _request(self, method: str, url: str, *, auth: bool = True, **kw) -> requests.Response:
+        """One call with retries on connection errors and 5xx (exponential backoff); 4xx are final."""
+        headers = kw.pop("headers", {})
+        if auth:
+            headers["Authorization"] = f"Bearer {self._key}"
+        for attempt in range(self.retries + 1):
+            try:
+                if "files" in kw:                # a retried upload must resend the file from its start
+                    for _, spec in kw["files"].items():
+                        spec[1].seek(0)
+                resp = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                err: str = f"{type(e).__name__}: {e}"
+            else:
+                if resp.status_code < 500:
+                    return resp
+                err = f"HTTP {resp.status_code}"
+            if attempt == self.retries:
+                raise LeaderboardError(f"{method} {url.split('?')[0]} failed after {attempt + 1} attempts: {err}")
+            delay = self.backoff_s * 2 ** attempt
+            log.warning("%s %s: %s; retry %d/%d in %.1fs", method, url.split("?")[0], err, attempt + 1,
+                        self.retries, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _json(self, resp: requests.Response) -> Any:
+        if resp.status_code == 401:
+            raise LeaderboardAuthError(
+                f"401 from {self.base_url}: {self._detail(resp)} (check SEGPIPE_LEADERBOARD_KEY)")
+        if resp.status_code == 429:
+            raise SubmissionRefused(f"429 from the leaderboard: {self._detail(resp)}")
+        if resp.status_code >= 400:
+            raise LeaderboardError(f"{resp.status_code} from {resp.url.split('?')[0]}: {self._detail(resp)}")
+        return resp.json()
+
+    @staticmethod
+    def _detail(resp: requests.Response) -> str:
+        try:
+            d = resp.json().get("detail", resp.text)
+        except ValueError:
+            return resp.text[:300]
+        return d.get("message", json.dumps(d)) if isinstance(d, dict) else str(d)
+
+    def limits(self) -> Limits:
+        d = self._json(self._request("GET", f"{self._api}/limits/"))
+        return Limits(d["daily_limit"], d["used_today"], d["remaining"], d.get("resets_at"))
+
+    def submissions(self) -> list[Submission]:
+        return [Submission.from_json(d) for d in self._json(self._request("GET", f"{self._api}/submissions/"))]
+
+    def submission(self, submission_id: int) -> Submission:
+        return Submission.from_json(self._json(self._request("GET", f"{self._api}/submissions/{submission_id}/")))
+
+    def submit(self, csv_path: Path | str, description: str, hyperparameters: dict, *, force: bool = False,
+               allow_last_slot: bool = False) -> Submission:
+        """Upload a submission file; the same file twice returns the first submission unless `force`."""
+        csv_path = Path(csv_path)
+        digest = sha256_file(csv_path)
+        if not force:                            # the same file again costs no slot, even the last one
+            for sub in self.submissions():
+                if sub.content_sha256 == digest:
+                    log.info("leaderboard already has this file as submission %s (%s)", sub.id, sub.status)
+                    return dataclasses.replace(sub, existing=True)
+        lim = self.limits()
+        if lim.remaining <= 0:
+            raise SubmissionRefused(
+                f"daily limit used up ({lim.used_today}/{lim.daily_limit}); it resets at {lim.resets_at}")
+        if lim.remaining == 1 and not allow_last_slot:
+            raise SubmissionRefused(
+                f"only the last of {lim.daily_limit} daily slots is left; pass allow_last_slot=True "
+                "(submit.allow_last_slot in params.yaml) to spend it")
+        params = {
+            "description": description,
+            "hyperparameters": json.dumps(hyperparameters, separators=(",", ":"), default=str),
+            "content_sha256": digest,
+            # forcing a resubmission needs a new idempotency key, still fixed across this call's retries
+            "nonce": uuid.uuid4().hex if force else "",
+        }
+        body = self._json(self._request("GET", f"{self._api}/presigned_url/", params=params))
+        sub = Submission.from_json(body["submission"], existing=bool(body.get("existing")))
+        if sub.status != "pending" or not body.get("url"):
+            log.info("leaderboard already has this file as submission %s (%s)", sub.id, sub.status)
+            return sub
+        with open(csv_path, "rb") as fh:
+            files = {"file": ("output.csv", fh, "text/csv")}
+            resp = self._request("POST", body["url"], auth=False, data=body["fields"], files=files)
+        if resp.status_code not in (200, 201, 204):
+            raise UploadRejected(f"the store refused submission {sub.id}: {_s3_error(resp)}")
+        log.info("uploaded submission %s (local #%s, sha256 %s)", sub.id, sub.local_id, digest[:12])
+        return sub
+
+    def wait_for_score(self, submission_id: int, timeout_s: float = 120.0, poll_s: float = 1.0) -> Submission:
+        """Poll until the submission leaves `pending`; TimeoutError names the last status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            sub = self.submission(submission_id)
+            if sub.status != "pending":
+                return sub
+            if time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"submission {submission_id} still pending after {timeout_s:.0f}s"
+                                   + (f" ({sub.error})" if sub.error else ""))
+            time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m segpipe.leaderboard", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the local leaderboard server (keys and S3 credentials from the env)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--labels", type=Path, required=True, help="hidden labels dir (labels.npy + index.json)")
+    s.add_argument("--state-dir", type=Path, required=True, help="where the SQLite state lives")
+    s.add_argument("--competition-id", type=int, default=1)
+    s.add_argument("--bucket", default=os.environ.get("SEGPIPE_LEADERBOARD_BUCKET", "leaderboard"))
+    s.add_argument("--daily-limit", type=int, default=int(os.environ.get("SEGPIPE_LEADERBOARD_DAILY_LIMIT", 10)))
+    s.add_argument("--max-upload-bytes", type=int, default=None,
+                   help="default: the largest valid file for the test set")
+    s.add_argument("--url-expiry-s", type=int, default=900)
+    s.add_argument("--poll-s", type=float, default=1.0, help="how often the scorer looks for uploads")
+    s.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`serve`: run the server. Keys: SEGPIPE_LEADERBOARD_KEYS (comma-separated), SEGPIPE_LEADERBOARD_ADMIN_KEY."""
+    args = _parse(argv)
+    from segpipe.leaderboard_server import ServerSettings, serve   # fastapi only on the server side
+    from segpipe.storage import S3Config
+
+    keys = tuple(k.strip() for k in os.environ.get("SEGPIPE_LEADERBOARD_KEYS", "").split(",") if k.strip())
+    if not keys:
+        raise SystemExit("SEGPIPE_LEADERBOARD_KEYS is empty: set it to the comma-separated user keys")
+    settings = ServerSettings(
+        labels_dir=args.labels, state_dir=args.state_dir, s3=S3Config.from_env(), user_keys=keys,
+        admin_key=os.environ.get("SEGPIPE_LEADERBOARD_ADMIN_KEY") or None, competition_id=args.competition_id,
+        bucket=args.bucket, daily_limit=args.daily_limit, max_upload_bytes=args.max_upload_bytes,
+        url_expiry_s=args.url_expiry_s, poll_s=args.poll_s,
+    )
+    serve(settings, args.host, args.port, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

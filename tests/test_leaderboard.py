@@ -1,0 +1,225 @@
+"""Leaderboard server + client over real HTTP and a real SeaweedFS: scoring, limits, auth, idempotency, policies."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import REPO, free_port
+from segpipe.config import DataParams, SubmitParams, TRASH_CLASSES
+from segpipe.leaderboard import (
+    LeaderboardAuthError, LeaderboardClient, SubmissionRefused, UploadRejected,
+)
+from segpipe.submission import sha256_file, write_submission
+
+pytestmark = pytest.mark.services
+
+CID = 7
+LIMIT = 5
+N = 4
+KEYS = {name: "k-" + secrets.token_hex(12) for name in ("alice", "bob", "carol")}
+ADMIN = "admin-" + secrets.token_hex(12)
+
+
+def write_labels(root: Path, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """A hidden-labels dir as the data generator writes it: labels.npy (N, 256, 256) + index.json."""
+    rng = np.random.default_rng(seed)
+    names = [f"batch_03_vt/{i:04d}.jpg" for i in range(N)]
+    labels = rng.integers(0, len(TRASH_CLASSES), (N, 256, 256), dtype=np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "labels.npy", labels)
+    (root / "index.json").write_text(json.dumps(
+        {"file_names": names, "public": [True, True, False, False], "classes": list(TRASH_CLASSES)}))
+    return names, labels
+
+
+class Server:
+    def __init__(self, s3, labels: Path, state: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SEGPIPE_S3_ENDPOINT": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
+               "AWS_SECRET_ACCESS_KEY": s3.secret_key, "SEGPIPE_LEADERBOARD_KEYS": ",".join(KEYS.values()),
+               "SEGPIPE_LEADERBOARD_ADMIN_KEY": ADMIN, "SEGPIPE_LEADERBOARD_DAILY_LIMIT": str(LIMIT)}
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--labels", str(labels), "--state-dir", str(state), "--competition-id", str(CID), "--poll-s", "0.2"],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"leaderboard did not start; see {log}:\n{Path(log).read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def board(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lb")
+    # the server starts before the dataset exists: labels are loaded lazily at scoring time
+    server = Server(s3, root / "labels", root / "state", root / "server.log")
+    names, labels = write_labels(root / "labels")
+    yield {"server": server, "names": names, "labels": labels, "root": root}
+    server.stop()
+    log = (root / "server.log").read_text()
+    assert all(k not in log for k in (*KEYS.values(), ADMIN)), "a key leaked into the server log"
+
+
+def client(board, who: str) -> LeaderboardClient:
+    return LeaderboardClient(board["server"].url, CID, KEYS[who], timeout=10, retries=1, backoff_s=0.1)
+
+
+def test_client_round_trip(board, tmp_path):
+    names, labels, url = board["names"], board["labels"], board["server"].url
+    c = client(board, "alice")
+    assert KEYS["alice"] not in repr(c)
+
+    perfect = write_submission(tmp_path / "perfect.csv", names, np.repeat(np.repeat(labels, 2, 1), 2, 2))
+    s1 = c.submit(perfect, "perfect", {"training": {"lr": 0.1}, "inference": {}})
+    assert (s1.local_id, s1.status) == (1, "pending")
+    s1 = c.wait_for_score(s1.id, timeout_s=20, poll_s=0.2)
+    assert s1.status == "scored" and s1.public_score == pytest.approx(1.0) and s1.private_score is None
+    assert s1.hyperparameters == {"training": {"lr": 0.1}, "inference": {}}
+
+    worse_masks = labels.copy()
+    worse_masks[:, :128] = 0                                  # half of every image predicted as background
+    worse = write_submission(tmp_path / "worse.csv", names, worse_masks)
+    s2 = c.wait_for_score(c.submit(worse, "worse", {}).id, timeout_s=20, poll_s=0.2)
+    assert s2.local_id == 2 and 0.2 < s2.public_score < 0.9
+
+    # idempotent: the same file again gives the same submission, in the client and in the raw protocol
+    again = c.submit(perfect, "perfect again", {})
+    assert again.id == s1.id and again.existing
+    raw = requests.get(f"{url}/api/v1/competition/{CID}/presigned_url/",
+                       params={"description": "retry", "content_sha256": sha256_file(perfect)},
+                       headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10).json()
+    assert raw["existing"] and raw["submission"]["id"] == s1.id
+    assert c.limits().used_today == 2
+
+    # auth: missing and wrong keys
+    assert requests.get(f"{url}/api/v1/competition/{CID}/limits/", timeout=10).status_code == 401
+    with pytest.raises(LeaderboardAuthError):
+        LeaderboardClient(url, CID, "wrong-key", retries=0).limits()
+
+    # a tampered presigned field: the store checks the policy's signature and conditions
+    g = requests.get(f"{url}/api/v1/competition/{CID}/presigned_url/", params={"description": "tamper"},
+                     headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10).json()
+    assert g["submission"]["local_id"] == 3
+    fields = {**g["fields"], "key": g["fields"]["key"].replace("Users/00000001", "Users/00000002")}
+    r = requests.post(g["url"], data=fields, files={"file": ("output.csv", perfect.read_bytes())}, timeout=10)
+    assert r.status_code == 403, r.text
+
+    # an oversized file: the presigned policy's content-length-range makes the store refuse it
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"0 " * 600_000)
+    with pytest.raises(UploadRejected, match="EntityTooLarge"):
+        c.submit(big, "too big", {})
+    lim = c.limits()
+    assert (lim.used_today, lim.remaining) == (4, 1)
+
+    # the client never burns the last slot unless told to
+    bad = tmp_path / "bad.csv"
+    bad.write_text(perfect.read_text().replace(names[2], "not-a-test-image.jpg"))
+    with pytest.raises(SubmissionRefused, match="last of 5 daily slots"):
+        c.submit(bad, "last", {})
+    assert c.limits().remaining == 1
+    s5 = c.wait_for_score(c.submit(bad, "last", {}, allow_last_slot=True).id, timeout_s=20, poll_s=0.2)
+    assert s5.status == "failed" and "line 4 (image_id 'not-a-test-image.jpg')" in s5.error
+
+    with pytest.raises(SubmissionRefused, match="daily limit used up"):
+        c.submit(worse, "over", {}, force=True)
+    r = requests.get(f"{url}/api/v1/competition/{CID}/presigned_url/", params={"description": "over"},
+                     headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
+    assert r.status_code == 429 and r.json()["detail"]["daily_limit"] == LIMIT and r.json()["detail"]["resets_at"]
+    assert [s.status for s in c.submissions()] == ["scored", "scored", "pending", "pending", "failed"]
+
+    # the page lists the rows; private scores appear only after the admin reveals
+    page = requests.get(f"{url}/", timeout=10).text
+    assert "perfect" in page and "1.0000" in page and "private mIoU" not in page
+    r = requests.post(f"{url}/api/v1/competition/{CID}/reveal", headers={"Authorization": f"Bearer {KEYS['alice']}"},
+                      timeout=10)
+    assert r.status_code == 401
+    r = requests.post(f"{url}/api/v1/competition/{CID}/reveal", headers={"Authorization": f"Bearer {ADMIN}"},
+                      timeout=10)
+    assert r.ok
+    assert c.submission(s1.id).private_score == pytest.approx(1.0)
+    assert "private mIoU" in requests.get(f"{url}/competition/{CID}/leaderboard", timeout=10).text
+
+
+def test_minimal_protocol_client_and_restart(board, s3, tmp_path):
+    """A client written from DESIGN.md's protocol alone (requests only), then a restart keeps the state."""
+    names, labels, url = board["names"], board["labels"], board["server"].url
+    hdr = {"Authorization": f"Bearer {KEYS['bob']}"}
+    csv = write_submission(tmp_path / "bob.csv", names, labels)
+    r = requests.get(f"{url}/api/v1/competition/{CID}/presigned_url/", headers=hdr, timeout=10,
+                     params={"description": "bob's try", "hyperparameters": '{"training":{},"inference":{}}'})
+    r.raise_for_status()
+    body = r.json()
+    assert {"x-amz-algorithm", "x-amz-credential", "x-amz-date", "policy", "x-amz-signature"} <= set(body["fields"])
+    assert body["submission"]["user"] == 2 and body["submission"]["local_id"] == 1
+    assert body["fields"]["key"] == f"app/Competitions/{CID:06d}/Users/00000002/Submissions/0001/output.csv"
+    with open(csv, "rb") as f:
+        up = requests.post(body["url"], data=body["fields"], files={"file": ("output.csv", f)}, timeout=30)
+    assert up.status_code in (200, 201, 204), up.text
+    sid = body["submission"]["id"]
+    deadline = time.monotonic() + 20
+    while (s := requests.get(f"{url}/api/v1/competition/{CID}/submissions/{sid}/", headers=hdr,
+                             timeout=10).json())["status"] == "pending":
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    assert s["status"] == "scored" and s["public_score"] == pytest.approx(1.0)
+    assert "bob&#x27;s try" in requests.get(f"{url}/", timeout=10).text      # escaped in the HTML
+
+    # restart on the same state dir: same users, same submissions, same ids
+    board["server"].stop()
+    board["server"] = Server(s3, board["root"] / "labels", board["root"] / "state", board["root"] / "server.log")
+    url = board["server"].url
+    after = requests.get(f"{url}/api/v1/competition/{CID}/submissions/", headers=hdr, timeout=10).json()
+    assert [(x["id"], x["status"], x["public_score"]) for x in after] == [(sid, "scored", s["public_score"])]
+    assert requests.get(f"{url}/api/v1/competition/{CID}/limits/", headers=hdr, timeout=10).json()["used_today"] == 1
+
+
+def test_submit_stage_uses_ledger(board, tmp_path):
+    """pipelines.submit: infer outputs -> CSV -> lint -> submit -> score; a rerun reuses the ledger entry."""
+    from pipelines.submit import run
+
+    names, labels = board["names"], board["labels"]
+    infer = tmp_path / "infer"
+    infer.mkdir()
+    np.save(infer / "test_masks.npy", np.repeat(np.repeat(labels, 2, 1), 2, 2))    # 512x512 argmax masks
+    (infer / "test_index.json").write_text(json.dumps({"file_names": names}))
+    params = SubmitParams(description="nightly", base_url=board["server"].url, competition_id=CID,
+                          wait_seconds=20, poll_seconds=0.2, ledger=str(tmp_path / "ledger.json"))
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+    hyper = {"train": {"epochs": 1}, "retrain": {}, "infer": {"tta": ["hflip"]}}
+    first = run(params, data, infer, tmp_path / "out", key=KEYS["carol"], hyperparameters=hyper)
+    assert first.status == "scored" and first.public_score == pytest.approx(1.0) and not first.reused
+    assert "public mIoU 1.0000" in first.summary()
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["sha256"] == sha256_file(tmp_path / "out" / "submission.csv")
+    assert saved["submission_id"] == first.submission_id
+    second = run(params, data, infer, tmp_path / "out2", key=KEYS["carol"], hyperparameters=hyper)
+    assert second.reused and second.submission_id == first.submission_id
+    assert client(board, "carol").limits().used_today == 1
+    assert client(board, "carol").submission(first.submission_id).hyperparameters == hyper

@@ -1,0 +1,171 @@
+"""Submission CSV: exact writer format, linter errors naming the row, round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from segpipe.config import TRASH_CLASSES, DataParams, SubmitParams
+
+from segpipe.submission import (
+    HEADER, PIXELS, SubmissionError, SubmissionLintError, lint_submission, read_submission, resize_nearest,
+    sha256_file, size_bounds, write_submission,
+)
+
+NC = 11
+
+
+@pytest.fixture
+def sub(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"batch_01_vt/{i:04d}.jpg" for i in range(3)]
+    masks = rng.integers(0, NC, (3, 128, 128), dtype=np.uint8)
+    path = write_submission(tmp_path / "s.csv", names, masks)
+    return path, names, masks
+
+
+def test_writer_format_is_exact(sub):
+    path, names, masks = sub
+    lines = path.read_bytes().split(b"\n")
+    assert lines[0] == HEADER.encode() and lines[-1] == b""          # header first, file ends with one newline
+    assert len(lines) == 2 + len(names)
+    for line, name, mask in zip(lines[1:], names, masks):
+        image_id, pred = line.decode().split(",")
+        assert image_id == name
+        tokens = pred.split(" ")                                       # single spaces: no empty tokens
+        assert len(tokens) == PIXELS and all(t.isdigit() for t in tokens)
+        got = np.array(tokens, dtype=np.int64).reshape(256, 256)
+        # nearest 128 -> 256 repeats each pixel 2x2, flattened row-major
+        assert np.array_equal(got, np.repeat(np.repeat(mask, 2, 0), 2, 1))
+
+
+def test_resize_nearest_downsample_picks_source_floor():
+    m = np.arange(512 * 512, dtype=np.int64).reshape(1, 512, 512)
+    out = resize_nearest(m)
+    assert out.shape == (1, 256, 256) and out[0, 3, 5] == m[0, 6, 10]
+    odd = resize_nearest(np.arange(3 * 3).reshape(1, 3, 3))            # non-integer ratio: floor(i * 3 / 256)
+    assert odd[0, 85, 86] == 0 * 3 + 1 and odd[0, 255, 255] == 8
+
+
+def test_round_trip_and_lint_report(sub):
+    path, names, masks = sub
+    report = lint_submission(path, names, NC)
+    assert report.n_rows == 3 and report.in_order and len(report.sha256) == 64
+    assert sum(report.class_pixels.values()) == 3 * PIXELS
+    got_names, got = read_submission(path, expected_file_names=names, num_classes=NC)
+    assert got_names == names and got.dtype == np.uint8
+    assert np.array_equal(got, resize_nearest(masks))
+    assert not lint_submission(path, names[::-1], NC).in_order      # order is reported, not fatal
+
+
+def test_writer_refuses_bad_inputs(tmp_path):
+    with pytest.raises(SubmissionError, match="2 file names but 3 masks"):
+        write_submission(tmp_path / "x.csv", ["a", "b"], np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(SubmissionError, match="integer class ids"):
+        write_submission(tmp_path / "x.csv", ["a"], np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(SubmissionError, match="commas"):
+        write_submission(tmp_path / "x.csv", ["a,b"], np.zeros((1, 8, 8), np.uint8))
+    assert not (tmp_path / "x.csv").exists()
+
+
+def _rows(path):
+    return path.read_text().split("\n")[:-1]
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: ["image_id,Prediction"] + r[1:], r"line 1: header must be exactly"),
+        (lambda r: r[:2] + r[3:], r"1 test image\(s\) have no row: \['batch_01_vt/0001.jpg'\]"),
+        (lambda r: r[:2] + [r[1]] + r[3:], r"line 3 \(image_id 'batch_01_vt/0000.jpg'\): duplicate image_id"),
+        (lambda r: r[:2] + ["extra.jpg" + r[2][r[2].index(","):]] + r[3:],
+         r"line 3 \(image_id 'extra.jpg'\): .*not in the test set"),
+        (lambda r: r[:2] + ["batch_01_vt/0001.jpg,"] + r[3:], r"line 3 .*empty PredictionString"),
+        (lambda r: r[:2] + [r[2] + " 0"] + r[3:], r"line 3 .*65537 class ids, expected exactly 65536"),
+        (lambda r: r[:2] + [r[2].rsplit(" ", 1)[0]] + r[3:], r"line 3 .*65535 class ids"),
+        (lambda r: r[:2] + [r[2].replace(" ", " nan ", 1)[: len(r[2]) + 4].rsplit(" ", 1)[0]] + r[3:],
+         r"line 3 .*token 'nan' at position 1"),
+        (lambda r: r[:2] + [r[2].replace(" ", "  ", 1)] + r[3:], r"line 3 .*empty token"),
+        (lambda r: r[:2] + [r[2].replace(",", ",11 ", 1).rsplit(" ", 1)[0]] + r[3:],
+         r"line 3 .*class id 11 at position 0 .* outside \[0, 11\)"),
+        (lambda r: r[:2] + [r[2].replace(",", ",-1 ", 1).rsplit(" ", 1)[0]] + r[3:], r"line 3 .*token '-1'"),
+        (lambda r: r[:2] + [""] + r[2:], r"line 3: empty line"),
+    ],
+    ids=["header", "missing", "duplicate", "extra", "empty", "too-many", "too-few", "nan", "double-space",
+         "out-of-range", "negative", "blank-line"],
+)
+def test_lint_names_the_row_and_the_problem(sub, tmp_path, mutate, match):
+    path, names, _ = sub
+    bad = _write(tmp_path / "bad.csv", mutate(_rows(path)))
+    with pytest.raises(SubmissionLintError, match=match):
+        lint_submission(bad, names, NC)
+
+
+def test_lint_size_bounds(sub, tmp_path):
+    path, names, _ = sub
+    lo, hi = size_bounds(names, NC)
+    assert lo <= path.stat().st_size <= hi
+    big = tmp_path / "big.csv"
+    big.write_bytes(path.read_bytes() + b"0" * (hi - path.stat().st_size + 1))
+    with pytest.raises(SubmissionLintError, match=r"bytes; a valid file for 3 images and 11 classes"):
+        lint_submission(big, names, NC)
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(SubmissionLintError, match="is empty"):
+        lint_submission(empty, names, NC)
+
+
+def _infer_dir(tmp_path, names, masks):
+    infer = tmp_path / "infer"
+    infer.mkdir()
+    np.save(infer / "test_masks.npy", masks)
+    (infer / "test_index.json").write_text(json.dumps({"file_names": names}))
+    return infer
+
+
+def test_submit_stage_dry_run_writes_and_lints(sub, tmp_path):
+    from pipelines.submit import run
+
+    _, names, masks = sub
+    infer = _infer_dir(tmp_path, names, masks)
+    params = SubmitParams(mode="dry-run", base_url="http://127.0.0.1:9", competition_id=1,
+                          ledger=str(tmp_path / "ledger.json"))
+    result = run(params, DataParams(root="x", classes=TRASH_CLASSES), infer, tmp_path / "out", key=None,
+                 hyperparameters={})
+    assert result.status == "dry-run" and "dry run" in result.summary()
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["sha256"] == sha256_file(result.csv)
+    assert read_submission(result.csv)[0] == names and not (tmp_path / "ledger.json").exists()
+
+
+def test_submit_stage_main_needs_key_in_submit_mode(sub, tmp_path, monkeypatch):
+    from pipelines.submit import main
+
+    _, names, masks = sub
+    infer = _infer_dir(tmp_path, names, masks)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"root": "x", "classes": list(TRASH_CLASSES)},
+        "submit": {"mode": "submit", "base_url": "http://127.0.0.1:9", "competition_id": 1},
+    }))
+    monkeypatch.delenv("SEGPIPE_LEADERBOARD_KEY", raising=False)
+    with pytest.raises(SystemExit, match="SEGPIPE_LEADERBOARD_KEY is not set"):
+        main(["--params", str(params), "--infer", str(infer), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()                # refused before writing anything
+    main(["--params", str(params), "--infer", str(infer), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "dry-run"
+
+
+def test_leaderboard_client_imports_without_fastapi():
+    import subprocess
+    import sys
+
+    code = "import sys, segpipe.leaderboard; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
