@@ -69,13 +69,18 @@ def run(
                 "classes": classes, "input_size": size, "amp": params.amp, "channels_last": params.channels_last,
                 "loop": cfg.__dict__, "loss": params.loss, "n_train": len(train_s), "n_val": len(val_s),
                 "pseudo": pseudo_dir is not None}
+    weights = None
+    if params.class_weights == "eda":
+        by_name = json.loads((Path(validate_dir) / "eda" / "eda_metrics.json").read_text())["class_weights"]
+        weights = torch.tensor([by_name[c] for c in classes], dtype=torch.float32)
+    resolved["class_weights"] = None if weights is None else weights.tolist()
     torch.manual_seed(seed)
     net = build_model(spec.arch, spec.encoder, len(classes), spec.encoder_weights)
     ds = ArrayDataset(tr_img, tr_mask, train_transform(params.hflip, params.vflip, params.color_jitter))
     resume_dir = Path(resume_dir) if resume_dir else out_dir.parent / ".resume" / out_dir.name
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
           f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)")
-    result = train_model(net, SegLoss(params.loss, data.ignore_index), ds, va_img, va_mask, cfg, classes,
+    result = train_model(net, SegLoss(params.loss, data.ignore_index, weights), ds, va_img, va_mask, cfg, classes,
                          data.ignore_index, resume_dir, resolved)
 
     # out-of-fold probabilities of the best epoch, kept as float16 for ensembling and weight search

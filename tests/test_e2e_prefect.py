@@ -1,0 +1,89 @@
+"""The whole chain as a user runs it: `segpipe stack up`, `prefect deploy`, `prefect deployment run --watch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from segpipe import stack
+from segpipe.storage import ArtifactStore, S3Config
+from tests.tiny import copy_project, shrink_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+BIN = Path(sys.executable).parent
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_stack_ports() -> dict[str, int]:
+    """s3 + weed's internal block (and their +10000 gRPC twins), Prefect, leaderboard."""
+    while True:
+        base = random.randrange(20000, 45000)
+        block = [base + i for i in range(11)]
+        if all(_free(p) and _free(p + 10000) for p in block):
+            return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_deployment_run_completes_and_submits(tmp_path):
+    project = copy_project(tmp_path / "project")
+    ports = free_stack_ports()
+    shrink_params(project / "params.yaml",
+                  submit={"base_url": f"http://127.0.0.1:{ports['leaderboard']}"})
+    home = tmp_path / "home"
+    try:
+        status = stack.up(home, ports, cwd=project, labels=project / "data/leaderboard")
+        assert all(status[s]["state"] == "running" for s in ("s3", "prefect", "worker", "leaderboard"))
+        env = {**os.environ, **stack.load_env(home), "PATH": f"{BIN}:{os.environ['PATH']}", "SEGPIPE_HOME": str(home)}
+        run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)
+        ls = run([str(BIN / "prefect"), "deployment", "ls"], project, env).stdout
+        assert "full-pipeline/demo" in ls and "full-pipeline/nightly" in ls
+
+        watched = run([str(BIN / "prefect"), "deployment", "run", "full-pipeline/demo", "--watch"], project, env)
+        assert "Completed" in watched.stdout + watched.stderr
+
+        summaries = list((project / "runs").glob("*/summary.json"))
+        assert len(summaries) == 1
+        summary = json.loads(summaries[0].read_text())
+        assert 0.0 <= summary["public_miou"] <= 1.0 and 0.0 <= summary["oof_miou"] <= 1.0
+
+        # every stage's outputs can be listed from S3 alone, under the run's prefix
+        store = ArtifactStore(S3Config.from_env(env))
+        keys = store.list(summary["artifacts"] + "/")
+        for part in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f0/best.pt",
+                     "train/fpn_mbv2-s0-f1/oof.npz", "pseudo/provenance.json", "retrain/fpn_mbv2-s0-f1/best.pt",
+                     "infer/report.json", "submit/submission.csv", "submit/result.json"):
+            assert f"{summary['artifacts']}/{part}" in keys, f"{part} missing from S3"
+
+        # the leaderboard holds the submission with the same public score
+        lb = requests.get(f"http://127.0.0.1:{ports['leaderboard']}/api/v1/competition/1/submissions/",
+                          headers={"Authorization": f"Bearer {env['SEGPIPE_LEADERBOARD_KEY']}"}, timeout=10).json()
+        scores = [s["public_score"] for s in (lb if isinstance(lb, list) else lb["submissions"])]
+        assert summary["public_miou"] in scores
+
+        # no credential leaked into the run's logs or artifacts
+        secret = env["AWS_SECRET_ACCESS_KEY"]
+        for path in list((home / "logs").glob("*.log")) + list((project / "runs").rglob("*.json")):
+            assert secret not in path.read_text(errors="ignore"), f"secret leaked into {path}"
+    finally:
+        stack.down(home)
