@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,15 +14,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import tasks
 from segpipe.config import load_all
 from segpipe.storage import ArtifactStore, S3Config
-
-
-def leaderboard_key() -> str | None:
-    """The key from a Prefect Secret block `leaderboard-key`, else the environment; never a parameter."""
-    try:
-        from prefect.blocks.system import Secret
-        return Secret.load("leaderboard-key").get()
-    except Exception:      # no block registered: the worker's environment carries it
-        return os.environ.get("SEGPIPE_LEADERBOARD_KEY")
 
 
 def run_id() -> str:
@@ -67,7 +57,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
 
     summary = {"run": rid, "data_version": version, "oof_miou": result.oof_miou, "artifacts": prefix}
     if submit:
-        sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit", key=leaderboard_key(),
+        sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit",
                            hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer")})
         tasks.upload(run_dir / "submit", f"{prefix}/submit")
         summary.update(public_miou=getattr(sub, "public_score", None), submission=getattr(sub, "submission_id", None))
