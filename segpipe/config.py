@@ -79,7 +79,7 @@ class TrainParams(Section):
     vflip: float = Field(ge=0, le=1)
     color_jitter: float = Field(ge=0, le=1)
     loss: Literal["ce", "ce+dice"] = "ce+dice"
-    class_weights: Literal["none", "eda"] = "eda"   # eda: CE weights from the validate stage's class statistics
+    class_weights: Literal["none", "eda"] = "none"   # eda: CE weights from the validate stage's class statistics
     threads: int = Field(ge=0, default=0)   # torch CPU threads per task; 0 = cores / parallel tasks
 
 

@@ -45,6 +45,8 @@ def make_tiny(root: Path, n_train: int = 16, n_test: int = 4, size: int = 32) ->
                          "classes": sorted(set(np.unique(mask).tolist()))})
         else:
             test.append({"file_name": name, "image": name})
+    (vdir / "eda").mkdir()
+    (vdir / "eda" / "eda_metrics.json").write_text(json.dumps({"class_weights": {"Background": 0.1, "A": 1.0, "B": 2.0}}))
     (vdir / "index.json").write_text(json.dumps({"data_root": str(root / "data"), "classes": list(CLASSES),
                                                  "train": rows, "test": test}))
     return vdir
@@ -85,10 +87,11 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
     pidx = json.loads((tmp_path / "pseudo" / "index.json").read_text())
     assert len(pidx["samples"]) == 4 and (tmp_path / "pseudo" / pidx["samples"][0]["mask"]).is_file()
 
-    train.run(DATA, params, "unet_r18", 0, 0, vdir, tmp_path / "split", tmp_path / "retrain" / "unet_r18-s0-f0",
-              epochs=1, pseudo_dir=tmp_path / "pseudo")
+    train.run(DATA, tiny_train_params(class_weights="eda"), "unet_r18", 0, 0, vdir, tmp_path / "split",
+              tmp_path / "retrain" / "unet_r18-s0-f0", epochs=1, pseudo_dir=tmp_path / "pseudo")
     meta = torch.load(tmp_path / "retrain" / "unet_r18-s0-f0" / "best.pt", weights_only=False)["config"]
     assert meta["pseudo"] and meta["n_train"] == 8 + 4 and meta["n_val"] == 8   # pseudo images never validate
+    assert meta["class_weights"] == pytest.approx([0.1, 1.0, 2.0])   # EDA's weights, in class-index order
 
     ires = infer.run(DATA, InferParams(tta=("hflip", "vflip"), batch_size=4), vdir, tmp_path / "train", tmp_path / "infer")
     masks = np.load(tmp_path / "infer" / "test_masks.npy")
