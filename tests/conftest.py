@@ -93,3 +93,14 @@ def s3_env(s3: S3Config, monkeypatch) -> S3Config:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     return s3
+
+
+def _coco_sample() -> Path:
+    """Ten real COCO photos with their annotations: ../shared beside the checkout (as in CI), else /work/shared."""
+    for base in (REPO.parent / "shared", Path("/work/shared")):
+        if (base / "data" / "coco-real-sample").is_dir():
+            return base / "data" / "coco-real-sample"
+    return REPO.parent / "shared" / "data" / "coco-real-sample"   # missing: tests using it fail naming this path
+
+
+COCO_SAMPLE = _coco_sample()

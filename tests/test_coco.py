@@ -13,7 +13,7 @@ from segpipe.coco import (
     rasterize, read_mask_png_layout,
 )
 
-REAL = Path("/work/shared/data/coco-real-sample")
+from tests.conftest import COCO_SAMPLE as REAL
 REAL_JSON = REAL / "annotations" / "instances_val2017_subset.json"
 
 

@@ -206,7 +206,7 @@ def test_unusual_but_valid_inputs_pass_and_stage_writes_contract(data, tmp_path)
 
 
 def test_real_coco_fixture_validates(tmp_path):
-    real = Path("/work/shared/data/coco-real-sample")
+    from tests.conftest import COCO_SAMPLE as real
     d = json.loads((real / "annotations" / "instances_val2017_subset.json").read_text())
     for im in d["images"]:
         im["file_name"] = f"images/{im['file_name']}"
