@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -16,8 +18,17 @@ from segpipe.config import DataParams, load_params
 log = logging.getLogger(__name__)
 
 
+def dvc_binary() -> str:
+    """The `dvc` installed beside this interpreter (the project's pinned one), else the one on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    found = str(local) if local.exists() else shutil.which("dvc")
+    if not found:
+        raise FileNotFoundError(f"`dvc` not found next to {sys.executable} or on PATH: run `make setup`")
+    return found
+
+
 def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    proc = subprocess.run([dvc_binary(), *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc

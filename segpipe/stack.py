@@ -323,6 +323,9 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     name = f"segpipe-{socket.gethostname()}-{ports['prefect']}"
     # flow runs inherit this environment: that is how they get the S3 credentials, not via parameters
     wenv = {**os.environ, **env, **_prefect_env(home, ports), "SEGPIPE_HOME": str(home)}
+    # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
+    # whether or not the shell that ran `stack up` had the virtualenv activated
+    wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])
     cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
            "--limit", str(WORKER_LIMIT), "--name", name]
     rec = _spawn(home, "worker", cmd, wenv, cwd)

@@ -45,7 +45,9 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.
     return proc
 
 
-def test_deployment_run_completes_and_submits(tmp_path):
+def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
+    # like `make demo`: the shell that starts the stack has no virtualenv on PATH; the worker must cope
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN))
     project = copy_project(tmp_path / "project")
     ports = free_stack_ports()
     shrink_params(project / "params.yaml",
