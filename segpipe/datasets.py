@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +85,29 @@ def decode_all(samples: list[Sample], size: int, threads: int = 4) -> tuple[np.n
     return images, masks
 
 
-def train_transform(hflip: float, vflip: float, color_jitter: float) -> A.Compose:
-    """Geometric + photometric augmentation; masks follow with nearest interpolation."""
-    ops: list[A.BasicTransform] = [A.HorizontalFlip(p=hflip), A.VerticalFlip(p=vflip)]
-    if color_jitter > 0:
-        ops.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=color_jitter))
+def build_augment(spec: list[dict[str, dict]] | tuple) -> A.Compose:
+    """albumentations pipeline from params: `[{HorizontalFlip: {p: 0.5}}, {Affine: {scale: [0.75, 1.25]}}]`.
+
+    Masks always resample with nearest interpolation: a linear blend of class ids 3 and 5 is 4, a wrong class.
+    """
+    ops: list[A.BasicTransform] = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"train.augment[{i}] must be one `Name: {{kwargs}}` mapping, got {item!r}")
+        (name, kwargs), = item.items()
+        cls = getattr(A, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            raise KeyError(f"Wrong augmentation `{name}` in train.augment[{i}]: not an albumentations transform "
+                           "(e.g. HorizontalFlip, VerticalFlip, RandomRotate90, Affine, RandomResizedCrop, ColorJitter)")
+        kwargs = dict(kwargs or {})
+        if "mask_interpolation" in inspect.signature(cls.__init__).parameters:
+            if kwargs.get("mask_interpolation", cv2.INTER_NEAREST) != cv2.INTER_NEAREST:
+                raise ValueError(f"train.augment[{i}] {name}: mask_interpolation must stay nearest (0)")
+            kwargs["mask_interpolation"] = cv2.INTER_NEAREST
+        try:
+            ops.append(cls(**kwargs))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"train.augment[{i}] {name}{kwargs}: {e}") from None
     return A.Compose(ops)
 
 
@@ -99,6 +119,12 @@ class ArrayDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def reseed(self, seed: int) -> None:
+        """Seed the augmentations: albumentations draws from its own generators, not numpy's or torch's."""
+        if self.transform is not None:
+            # one generator shared by every transform (Compose.set_random_seed would give each the same stream)
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def __getitem__(self, i: int):
         img = self.images[i]
