@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -62,6 +62,12 @@ class ModelSpec(Section):
     encoder_weights: str | None = None   # "imagenet" when available (see README); None for tests/offline
 
 
+LOSS_NAMES = ("ce", "dice", "focal", "lovasz")
+
+DEFAULT_AUGMENT = ({"HorizontalFlip": {"p": 0.5}}, {"VerticalFlip": {"p": 0.5}},
+                   {"ColorJitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02, "p": 0.3}})
+
+
 class TrainParams(Section):
     models: dict[str, ModelSpec]    # name -> spec; the matrix key
     seeds: tuple[int, ...]
@@ -72,15 +78,34 @@ class TrainParams(Section):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)
-    amp: bool = True                # bf16/fp16 autocast on CUDA; ignored on CPU
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(ge=0, lt=1, default=0.9)        # sgd only (Nesterov)
+    schedule: Literal["cosine", "poly"] = "cosine"          # after the linear warmup
+    poly_power: float = Field(gt=0, default=0.9)
+    grad_accum: int = Field(ge=1, default=1)                 # micro-batches per optimiser step
+    grad_clip: float = Field(ge=0, default=5.0)              # max grad norm; 0 = off
+    amp: bool = True                # bf16 where the GPU supports it, fp16 + GradScaler otherwise; fp32 on CPU
     channels_last: bool = True
+    compile: bool = False           # torch.compile the model (pays off on a GPU for runs of more than minutes)
     num_workers: int = Field(ge=0)
-    hflip: float = Field(ge=0, le=1)
-    vflip: float = Field(ge=0, le=1)
-    color_jitter: float = Field(ge=0, le=1)
-    loss: Literal["ce", "ce+dice"] = "ce+dice"
+    augment: tuple[dict[str, dict], ...] = DEFAULT_AUGMENT   # albumentations: [{Name: {kwargs}}, ...]
+    loss: str | dict[str, float] = "ce+dice"   # ce, dice, focal, lovasz: `ce+dice` or {ce: 1.0, lovasz: 0.5}
+    label_smoothing: float = Field(ge=0, lt=1, default=0.0)  # cross-entropy term only
+    focal_gamma: float = Field(ge=0, default=2.0)
     class_weights: Literal["none", "eda"] = "none"   # eda: CE weights from the validate stage's class statistics
+    ema: float = Field(ge=0, lt=1, default=0.0)     # EMA decay per optimiser step (e.g. 0.999); 0 = off
+    swa_start: float = Field(gt=0, le=1, default=1.0)   # SWA averages the epochs from this fraction on; 1 = off
+    keep_top_k: int = Field(ge=1, default=1)        # best-k checkpoints kept by val mIoU (epoch ensemble)
     threads: int = Field(ge=0, default=0)   # torch CPU threads per task; 0 = cores / parallel tasks
+
+    @field_validator("loss")
+    @classmethod
+    def _known_losses(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        names = [n.strip() for n in v.split("+")] if isinstance(v, str) else list(v)
+        unknown = sorted(set(names) - set(LOSS_NAMES))
+        if unknown or not names:
+            raise ValueError(f"Wrong loss {unknown}, supported losses: {list(LOSS_NAMES)}")
+        return v
 
 
 class RetrainParams(Section):

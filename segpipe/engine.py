@@ -14,10 +14,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from segpipe.datasets import ArrayDataset, normalize
+from segpipe.datasets import normalize
 from segpipe.metrics import MIoU
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,29 @@ class LoopConfig:
     channels_last: bool
     num_workers: int
     seed: int
+    optimizer: str = "adamw"          # adamw | sgd
+    momentum: float = 0.9
+    schedule: str = "cosine"          # cosine | poly, after a linear warmup
+    poly_power: float = 0.9
+    grad_accum: int = 1
+    grad_clip: float = 5.0            # 0 = off
+    ema: float = 0.0                  # EMA decay per optimiser step; 0 = off
+    swa_start: float = 1.0            # fraction of epochs after which SWA averages; 1 = off
+    keep_top_k: int = 1
+    compile: bool = False
 
 
 @dataclass
 class TrainResult:
     best_miou: float
-    best_epoch: int
+    best_epoch: int                   # -1 when the SWA average won
     per_class: dict[str, float | None]
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
     images_per_second: float = 0.0
+    best_source: str = "epoch"        # epoch | ema | swa: which weights best.pt holds
+    swa_miou: float | None = None
+    top_k: list[dict[str, Any]] = field(default_factory=list)   # [{epoch, miou, file}] best first
 
 
 class TrainingOOM(RuntimeError):
@@ -75,30 +89,95 @@ def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file, fsync, then rename: a crash leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a full disk leaves no half file behind, and the previous one intact
+        raise
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int, power: float = 0.9) -> Callable[[int], float]:
+    """Linear warmup, then cosine or polynomial decay to 0 over the remaining steps."""
+    if schedule not in ("cosine", "poly"):
+        raise KeyError(f"Wrong schedule `{schedule}`, supported schedules: ['cosine', 'poly']")
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else (1 - progress) ** power
     return factor
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    return lr_factor("cosine", total_steps, warmup_steps)
+
+
+def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    raise KeyError(f"Wrong optimizer `{cfg.optimizer}`, supported optimizers: ['adamw', 'sgd']")
 
 
 def _rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
+def _reseed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id, base_seed drawn from the loader's generator
+    info = torch.utils.data.get_worker_info()
+    if hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(torch.initial_seed() % 2**32)
+
+
+def _epoch_loader(ds: Dataset, cfg: LoopConfig, epoch: int, device: torch.device, shuffle: bool = True) -> DataLoader:
+    # reseeding from (seed, epoch) makes epoch e's batches and augmentations the same in a resumed run
+    seed = cfg.seed * 100_003 + epoch
+    seed_everything(seed)
+    if hasattr(ds, "reseed"):
+        ds.reseed(seed)
+    return DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > cfg.batch_size,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=_reseed_worker,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> None:
+    """Recompute BatchNorm running statistics for averaged weights (SWA): a cumulative mean over one pass."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for images, _ in loader:
+        model(normalize(images.to(device, non_blocking=True), channels_last))
+    for m, mom in momenta.items():
+        m.momentum = mom
+    model.train(was_training)
+
+
+def _unwrap(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AveragedModel's state dict -> the plain model's (drop `module.` and the n_averaged counter)."""
+    return {k.removeprefix("module."): v for k, v in sd.items() if k != "n_averaged"}
+
+
 def train_model(
     model: nn.Module,
     loss_fn: nn.Module,
-    train_ds: ArrayDataset,
+    train_ds: Dataset,
     val_images: np.ndarray,
     val_masks: np.ndarray,
     cfg: LoopConfig,
@@ -108,11 +187,15 @@ def train_model(
     resolved_config: dict[str, Any],
     device: torch.device | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    desc: str = "train",
 ) -> TrainResult:
-    """Train with per-epoch validation (set-level mIoU); write last.pt every epoch and best.pt on improvement.
+    """Train with per-epoch validation (set-level mIoU); write last.pt every epoch, best.pt on improvement.
 
     A `last.pt` in `ckpt_dir` written for the same resolved config is resumed from, and since every
     epoch reseeds all RNGs from (seed, epoch), a resumed run ends with the same weights as an unbroken one.
+    With EMA on, the EMA weights are the ones validated and kept; with SWA on, the average of the last
+    epochs (BatchNorm statistics recomputed) replaces best.pt when it validates better.
     """
     device = device or pick_device()
     ckpt_dir = Path(ckpt_dir)
@@ -120,16 +203,20 @@ def train_model(
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model    # state dicts always come from the uncompiled model
     loss_fn = loss_fn.to(device)
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
-    )
+    micro_batches = len(train_ds) // cfg.batch_size if len(train_ds) > cfg.batch_size else 1
+    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.grad_accum))
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(
+        cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.poly_power))
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    swa_from = math.ceil(cfg.swa_start * cfg.epochs) if cfg.swa_start < 1 else None
+    swa = AveragedModel(model) if swa_from is not None else None
 
-    start_epoch, best, best_epoch, history, per_class_best = 0, -1.0, -1, [], {}
+    start_epoch, best, best_epoch, history, per_class_best, top = 0, -1.0, -1, [], {}, []
     last = ckpt_dir / "last.pt"
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
@@ -138,71 +225,131 @@ def train_model(
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            if swa is not None:
+                swa.load_state_dict(state["swa"])
             start_epoch, best, best_epoch = state["epoch"] + 1, state["best_miou"], state["best_epoch"]
-            history, per_class_best = state["history"], state.get("per_class_best", {})
-            log.info("resuming from %s at epoch %d (best mIoU %.4f)", last, start_epoch, best)
+            history, per_class_best, top = state["history"], state.get("per_class_best", {}), state.get("top", [])
+            log.info("resuming from %s at epoch %d (best mIoU %.4f)", last, start_epoch + 1, best)
         else:
             log.warning("ignoring %s: written for a different config; training from scratch", last)
 
     seen, busy = 0, 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(
-            train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            persistent_workers=False,
-        )
-        model.train()
+    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
+                      unit="epoch", disable=None)
+    for epoch in epochs_bar:
+        loader = _epoch_loader(train_ds, cfg, epoch, device)
+        net.train()
         t0, total_loss, n_img = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2, disable=None)
-        for images, masks in bar:
+        opt.zero_grad(set_to_none=True)
+        n_micro = len(loader)
+        for i, (images, masks) in enumerate(bar):
             images = normalize(images.to(device, non_blocking=True), cfg.channels_last)
             masks = masks.to(device, non_blocking=True)
             try:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(images)
+                    logits = net(images)
                     loss = loss_fn(logits, masks)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                scaler.step(opt)
-                scaler.update()
+                scaler.scale(loss / cfg.grad_accum).backward()
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == n_micro:
+                    if cfg.grad_clip:
+                        scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
             except torch.OutOfMemoryError as e:
                 raise TrainingOOM(
                     f"out of device memory at batch size {cfg.batch_size}: lower train.batch_size "
-                    f"(try {max(1, cfg.batch_size // 2)}) or train.input_size"
+                    f"(try {max(1, cfg.batch_size // 2)}, with train.grad_accum: {cfg.grad_accum * 2} to keep "
+                    f"the effective batch) or train.input_size"
                 ) from e
-            sched.step()
             total_loss += float(loss.detach()) * len(images)
             n_img += len(images)
             bar.set_postfix(loss=f"{total_loss / n_img:.3f}", img_s=f"{n_img / (time.perf_counter() - t0):.1f}")
         train_time = time.perf_counter() - t0
         seen += n_img
         busy += train_time
+        if swa is not None and epoch >= swa_from:
+            swa.update_parameters(model)
 
-        metric = evaluate(model, val_images, val_masks, len(class_names), ignore_index, cfg.batch_size, device,
+        kept = ema.module if ema is not None else model      # the weights validated, kept and shipped
+        metric = evaluate(kept, val_images, val_masks, len(class_names), ignore_index, cfg.batch_size, device,
                           cfg.channels_last, amp_dtype)
         score = metric.value
+        per_class = metric.per_class(class_names)
         row = {"epoch": epoch, "train_loss": total_loss / max(1, n_img), "val_miou": score,
-               "img_per_s": n_img / train_time, "lr": sched.get_last_lr()[0]}
+               "img_per_s": n_img / train_time, "lr": sched.get_last_lr()[0], "per_class_iou": per_class}
         history.append(row)
         improved = score > best
+        weights = None
         if improved:
-            best, best_epoch, per_class_best = score, epoch, metric.per_class(class_names)
-            atomic_save({"model": model.state_dict(), "epoch": epoch, "miou": score, "config": resolved_config},
-                        ckpt_dir / "best.pt")
+            best, best_epoch, per_class_best = score, epoch, per_class
+            weights = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
+            atomic_save({"model": weights, "epoch": epoch, "miou": score, "source": "ema" if ema else "epoch",
+                         "config": resolved_config}, ckpt_dir / "best.pt")
+        if cfg.keep_top_k > 1:
+            top = _keep_top_k(top, cfg.keep_top_k, epoch, score, kept, weights, ckpt_dir, resolved_config)
         atomic_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best, "best_epoch": best_epoch,
-            "history": history, "per_class_best": per_class_best, "rng": _rng_state(), "config": resolved_config,
+            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "swa": swa.state_dict() if swa else None, "epoch": epoch, "best_miou": best, "best_epoch": best_epoch,
+            "history": history, "per_class_best": per_class_best, "top": top, "rng": _rng_state(),
+            "config": resolved_config,
         }, last)
+        if on_checkpoint:
+            on_checkpoint(last, epoch)
         log.info("epoch %d/%d loss %.4f val mIoU %.4f%s (%.1f img/s)", epoch + 1, cfg.epochs, row["train_loss"],
                  score, " *" if improved else "", row["img_per_s"])
+        epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", mIoU=f"{score:.4f}", best=f"{best:.4f}",
+                               img_s=f"{row['img_per_s']:.1f}")
         if on_epoch:
             on_epoch(row)
-    return TrainResult(best, best_epoch, per_class_best, history, start_epoch, seen / busy if busy else 0.0)
+
+    result = TrainResult(best, best_epoch, per_class_best, history, start_epoch, seen / busy if busy else 0.0,
+                         "ema" if ema is not None else "epoch", None, top)
+    if swa is not None and int(swa.n_averaged) > 0:
+        _finish_swa(swa, result, train_ds, val_images, val_masks, cfg, class_names, ignore_index, ckpt_dir,
+                    resolved_config, device, amp_dtype)
+    return result
+
+
+def _keep_top_k(top: list[dict], k: int, epoch: int, score: float, kept: nn.Module, weights: dict | None,
+                ckpt_dir: Path, resolved_config: dict) -> list[dict]:
+    """Keep the k best epochs' weights on disk (epoch ensemble); evicted files are deleted."""
+    if len(top) >= k and score <= top[-1]["miou"]:
+        return top
+    name = f"top-e{epoch + 1:03d}.pt"
+    weights = weights or {n: v.detach().cpu().clone() for n, v in kept.state_dict().items()}
+    atomic_save({"model": weights, "epoch": epoch, "miou": score, "config": resolved_config}, ckpt_dir / name)
+    top = sorted(top + [{"epoch": epoch, "miou": score, "file": name}], key=lambda t: -t["miou"])
+    for gone in top[k:]:
+        (ckpt_dir / gone["file"]).unlink(missing_ok=True)
+    return top[:k]
+
+
+def _finish_swa(swa: AveragedModel, result: TrainResult, train_ds: Dataset, val_images: np.ndarray,
+                val_masks: np.ndarray, cfg: LoopConfig, class_names: list[str], ignore_index: int, ckpt_dir: Path,
+                resolved_config: dict, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """BatchNorm statistics for the averaged weights, then validate; the average replaces best.pt if better."""
+    update_bn(swa.module, _epoch_loader(train_ds, cfg, cfg.epochs, device, shuffle=False), device, cfg.channels_last)
+    metric = evaluate(swa.module, val_images, val_masks, len(class_names), ignore_index, cfg.batch_size, device,
+                      cfg.channels_last, amp_dtype)
+    result.swa_miou = metric.value
+    weights = {k: v.detach().cpu().clone() for k, v in swa.module.state_dict().items()}
+    atomic_save({"model": weights, "epoch": -1, "miou": metric.value, "source": "swa", "config": resolved_config},
+                ckpt_dir / "swa.pt")
+    log.info("SWA over %d epochs: val mIoU %.4f (best single epoch %.4f)", int(swa.n_averaged), metric.value,
+             result.best_miou)
+    if metric.value > result.best_miou:
+        os.replace(ckpt_dir / "swa.pt", ckpt_dir / "best.pt")
+        result.best_miou, result.best_epoch, result.best_source = metric.value, -1, "swa"
+        result.per_class = metric.per_class(class_names)
 
 
 def _forward_probs(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:

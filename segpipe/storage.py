@@ -424,6 +424,10 @@ class ArtifactStore:
             return self.url(key)
         return self._resolve_conflict(key, digest)
 
+    def delete(self, key: str) -> None:
+        """Remove `key` (no error if it is already gone): only for superseded state such as old checkpoints."""
+        self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.cfg.bucket, Key=self._key(key)))
+
     def upload_dir(self, local_dir: Path | str, key_prefix: str, *, overwrite: bool = False) -> list[str]:
         """Upload every file under `local_dir` to `key_prefix/<relative path>`; returns the keys."""
         local_dir = Path(local_dir)

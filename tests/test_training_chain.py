@@ -14,7 +14,8 @@ from pipelines import infer, pseudo, split, train
 from segpipe.config import DataParams, InferParams, ModelSpec, PseudoParams, SplitParams, TrainParams
 from segpipe.engine import LoopConfig, train_model
 from segpipe.datasets import ArrayDataset
-from segpipe.models import SegLoss, build_model
+from segpipe.losses import SegLoss
+from segpipe.models import build_model
 
 CLASSES = ("Background", "A", "B")
 
@@ -55,7 +56,7 @@ def make_tiny(root: Path, n_train: int = 16, n_test: int = 4, size: int = 32) ->
 def tiny_train_params(**kw) -> TrainParams:
     base = dict(models={"unet_r18": ModelSpec(arch="unet", encoder="resnet18")}, seeds=(0,), folds=(0, 1), epochs=2,
                 batch_size=4, input_size=32, lr=3e-3, weight_decay=0.0, warmup_epochs=0, amp=True,
-                channels_last=True, num_workers=0, hflip=0.5, vflip=0.5, color_jitter=0.3, loss="ce+dice", threads=1)
+                channels_last=True, num_workers=0, loss="ce+dice", threads=1)
     base.update(kw)
     return TrainParams(**base)
 

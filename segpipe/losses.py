@@ -1,0 +1,68 @@
+"""Segmentation losses by name, combined as a weighted sum: `{ce: 1.0, dice: 1.0}` in params.yaml."""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segpipe.config import LOSS_NAMES as LOSSES
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
+    """Soft multi-class Dice over the batch; logits (N, C, H, W), target (N, H, W); ignored pixels excluded."""
+    num_classes = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)
+    probs = logits.float().softmax(1) * valid
+    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2) * valid
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0        # classes absent from the batch would only add noise
+    dice = (2 * inter + eps) / (denom + eps)
+    return 1 - dice[present].mean() if present.any() else logits.sum() * 0
+
+
+def parse_loss(spec: str | dict[str, float]) -> dict[str, float]:
+    """`ce+dice` (equal weights) or `{ce: 1.0, lovasz: 0.5}` -> {name: weight}; unknown names are an error."""
+    weights = {name.strip(): 1.0 for name in spec.split("+")} if isinstance(spec, str) else dict(spec)
+    unknown = sorted(set(weights) - set(LOSSES))
+    if unknown or not weights:
+        raise KeyError(f"Wrong loss {unknown or spec!r}, supported losses: {list(LOSSES)} (or a '+'-joined string)")
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {weights}")
+    return {k: float(w) for k, w in weights.items() if w > 0}
+
+
+class SegLoss(nn.Module):
+    """Weighted sum of cross-entropy (class weights, label smoothing), Dice, Focal and Lovasz-softmax.
+
+    Every term skips `ignore_index` pixels, so pseudo-label pixels under the confidence threshold teach nothing.
+    """
+
+    def __init__(self, kind: str | dict[str, float], ignore_index: int, class_weights: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0, focal_gamma: float = 2.0):
+        super().__init__()
+        self.weights = parse_loss(kind)
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.register_buffer("class_weights", class_weights)
+        # smp's multiclass Focal and Lovasz both honour ignore_index; Lovasz is the mIoU surrogate itself
+        self.focal = smp.losses.FocalLoss("multiclass", gamma=focal_gamma, ignore_index=ignore_index)
+        self.lovasz = smp.losses.LovaszLoss("multiclass", ignore_index=ignore_index)
+
+    def terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = logits.float()      # losses in fp32 even under autocast: softmax over 11 classes underflows in fp16
+        out: dict[str, torch.Tensor] = {}
+        if "ce" in self.weights:
+            out["ce"] = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.ignore_index,
+                                        label_smoothing=self.label_smoothing)
+        if "dice" in self.weights:
+            out["dice"] = dice_loss(logits, target, self.ignore_index)
+        if "focal" in self.weights:
+            out["focal"] = self.focal(logits, target)
+        if "lovasz" in self.weights:
+            out["lovasz"] = self.lovasz(logits, target)
+        return out
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(self.weights[k] * v for k, v in self.terms(logits, target).items())
