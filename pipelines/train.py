@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,17 @@ import torch
 
 from pipelines.common import parser, run_main, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
-from segpipe.datasets import ArrayDataset, decode_all, load_index, load_pseudo_index, train_transform
+from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
-from segpipe.models import SegLoss, build_model
+from segpipe.losses import SegLoss
+from segpipe.models import build_model
+from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config
+
+
+log = logging.getLogger("pipelines.train")
+
+# set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3 store
+CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,84 @@ def cpu_threads(params: TrainParams) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def resolved_config(params: TrainParams, model: str, seed: int, fold: int, classes: list[str], inputs: dict,
+                    cfg: LoopConfig, class_weights: list[float] | None, n_train: int, n_val: int) -> dict:
+    """Everything that decides the trained weights; saved in every checkpoint, and the resume/content key."""
+    train = params.model_dump(mode="json", exclude={"models", "seeds", "folds", "threads", "epochs"})
+    return {"name": model, "model": params.models[model].model_dump(mode="json"), "seed": seed, "fold": fold,
+            "classes": classes, "num_classes": len(classes), "input_size": params.input_size,
+            "amp": params.amp, "channels_last": params.channels_last, "train": train, "loop": asdict(cfg), "class_weights": class_weights,
+            "inputs": inputs, "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
+
+
+class CheckpointMirror:
+    """Mirror last.pt to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
+
+    Keys are content-addressed (`<prefix>/<task>/<config hash>/last-eNNNN.pt`): any later run with the same
+    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept.
+    """
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        self.store, self.prefix = store, prefix.strip("/")
+
+    @classmethod
+    def from_env(cls, key: str, config: dict) -> "CheckpointMirror | None":
+        root = os.environ.get(CHECKPOINT_ENV)
+        if not root:
+            return None
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{digest}")
+
+    def _keys(self) -> list[str]:
+        return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
+
+    def restore(self, local: Path) -> int | None:
+        """Fetch the newest mirrored last.pt into `local` when there is none locally; its epoch, or None."""
+        if local.exists():
+            return None
+        for key in reversed(self._keys()):
+            try:
+                self.store.get_file(key, local)
+            except CorruptArtifactError as e:       # checksum mismatch: never resume from damaged state
+                log.warning("%s; discarding it", e)
+                self.store.delete(key)
+                continue
+            epoch = int(key.rsplit("-e", 1)[1].split(".")[0])
+            log.info("restored %s (epoch %d) from %s", local, epoch, self.store.url(key))
+            return epoch
+        return None
+
+    def push(self, local: Path, epoch: int) -> None:
+        key = f"{self.prefix}/last-e{epoch + 1:04d}.pt"
+        self.store.put_file(local, key, overwrite=True)
+        for old in self._keys():
+            if old != key:
+                self.store.delete(old)
+
+    def clear(self) -> None:
+        for key in self._keys():
+            self.store.delete(key)
+
+
+def write_dvclive(history: list[dict], out: Path) -> None:
+    """Per-epoch metrics in dvclive's layout, so `dvc plots show` draws the learning curves."""
+    from dvclive import Live    # imported here: only the train stage needs it
+
+    with Live(str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for row in history:
+            live.log_metric("train_loss", row["train_loss"])
+            live.log_metric("val_miou", row["val_miou"])
+            live.log_metric("lr", row["lr"])
+            for name, iou in row.get("per_class_iou", {}).items():
+                if iou is not None:
+                    live.log_metric(f"iou/{name}", iou)
+            live.next_step()
+
+
 def run(
     data: DataParams, params: TrainParams, model: str, seed: int, fold: int, validate_dir: Path, split_dir: Path,
     out_dir: Path, *, epochs: int | None = None, pseudo_dir: Path | None = None, resume_dir: Path | None = None,
@@ -49,41 +137,51 @@ def run(
     spec = params.models[model]
     key = task_key(model, seed, fold)
     out_dir = Path(out_dir)
-    train_all, _, classes = load_index(Path(validate_dir) / "index.json")
-    folds = json.loads((Path(split_dir) / "folds.json").read_text())["folds"]
+    validate_dir, split_dir = Path(validate_dir), Path(split_dir)
+    train_all, _, classes = load_index(validate_dir / "index.json")
+    folds = json.loads((split_dir / "folds.json").read_text())["folds"]
     if fold not in set(folds.values()):
         raise ValueError(f"fold {fold} not in the split (folds: {sorted(set(folds.values()))}); check train.folds")
     train_s = [s for s in train_all if folds[s.file_name] != fold]
     val_s = [s for s in train_all if folds[s.file_name] == fold]
+    inputs = {"index": _sha256(validate_dir / "index.json"), "folds": _sha256(split_dir / "folds.json")}
     if pseudo_dir is not None:
         # pseudo-labelled test images only ever join the training side, so validation stays honest
         train_s += load_pseudo_index(Path(pseudo_dir) / "index.json")
+        inputs["pseudo"] = _sha256(Path(pseudo_dir) / "index.json")
 
     size = params.input_size
     threads = cpu_threads(params)
-    tr_img, tr_mask = decode_all(train_s, size, threads)
-    va_img, va_mask = decode_all(val_s, size, threads)
+    augment = build_augment(params.augment)       # a bad augmentation spec fails before any decoding
     cfg = LoopConfig(epochs or params.epochs, params.batch_size, params.lr, params.weight_decay,
-                     params.warmup_epochs, params.amp, params.channels_last, params.num_workers, seed)
-    resolved = {"model": spec.model_dump(), "name": model, "seed": seed, "fold": fold, "num_classes": len(classes),
-                "classes": classes, "input_size": size, "amp": params.amp, "channels_last": params.channels_last,
-                "loop": cfg.__dict__, "loss": params.loss, "n_train": len(train_s), "n_val": len(val_s),
-                "pseudo": pseudo_dir is not None}
+                     params.warmup_epochs, params.amp, params.channels_last, params.num_workers, seed,
+                     optimizer=params.optimizer, momentum=params.momentum, schedule=params.schedule,
+                     poly_power=params.poly_power, grad_accum=params.grad_accum, grad_clip=params.grad_clip,
+                     ema=params.ema, swa_start=params.swa_start, keep_top_k=params.keep_top_k,
+                     compile=params.compile)
     weights = None
     if params.class_weights == "eda":
-        by_name = json.loads((Path(validate_dir) / "eda" / "eda_metrics.json").read_text())["class_weights"]
+        by_name = json.loads((validate_dir / "eda" / "eda_metrics.json").read_text())["class_weights"]
         weights = torch.tensor([by_name[c] for c in classes], dtype=torch.float32)
-    resolved["class_weights"] = None if weights is None else weights.tolist()
+    resolved = resolved_config(params, model, seed, fold, classes, inputs, cfg,
+                               None if weights is None else weights.tolist(), len(train_s), len(val_s))
+    tr_img, tr_mask = decode_all(train_s, size, threads)
+    va_img, va_mask = decode_all(val_s, size, threads)
     torch.manual_seed(seed)
     net = build_model(spec.arch, spec.encoder, len(classes), spec.encoder_weights)
-    ds = ArrayDataset(tr_img, tr_mask, train_transform(params.hflip, params.vflip, params.color_jitter))
+    loss = SegLoss(params.loss, data.ignore_index, weights, params.label_smoothing, params.focal_gamma)
     resume_dir = Path(resume_dir) if resume_dir else out_dir.parent / ".resume" / out_dir.name
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    mirror = CheckpointMirror.from_env(key, resolved)
+    if mirror is not None:
+        mirror.restore(resume_dir / "last.pt")
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
-          f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)")
-    result = train_model(net, SegLoss(params.loss, data.ignore_index, weights), ds, va_img, va_mask, cfg, classes,
-                         data.ignore_index, resume_dir, resolved)
+          f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)", flush=True)
+    result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
+                         data.ignore_index, resume_dir, resolved, on_checkpoint=mirror.push if mirror else None,
+                         desc=key)
 
-    # out-of-fold probabilities of the best epoch, kept as float16 for ensembling and weight search
+    # out-of-fold probabilities of the kept weights, float16, for ensembling and weight search
     best = torch.load(resume_dir / "best.pt", map_location="cpu", weights_only=False)
     net.load_state_dict(best["model"])
     device = pick_device()
@@ -93,15 +191,23 @@ def run(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(resume_dir / "best.pt", tmp / "best.pt")
+    for t in result.top_k:
+        (tmp / "top_k").mkdir(exist_ok=True)
+        shutil.copy2(resume_dir / t["file"], tmp / "top_k" / t["file"])
     np.savez(tmp / "oof.npz", probs=oof, file_names=np.array([s.file_name for s in val_s]))
-    write_json(tmp / "metrics.json", {"key": key, "best_miou": result.best_miou, "best_epoch": result.best_epoch,
-                                      "per_class_iou": result.per_class, "img_per_s": result.images_per_second,
-                                      "resumed_from_epoch": result.resumed_from})
+    write_json(tmp / "metrics.json", {
+        "key": key, "best_miou": result.best_miou, "best_epoch": result.best_epoch, "best_source": result.best_source,
+        "swa_miou": result.swa_miou, "top_k": result.top_k, "per_class_iou": result.per_class,
+        "img_per_s": result.images_per_second, "resumed_from_epoch": result.resumed_from})
     write_json(tmp / "history.json", result.history)
+    write_dvclive(result.history, tmp / "dvclive")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
-    print(f"train {key}: best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch + 1} -> {out_dir}")
+    if mirror is not None:
+        mirror.clear()
+    where = "SWA average" if result.best_source == "swa" else f"epoch {result.best_epoch + 1}"
+    print(f"train {key}: best val mIoU {result.best_miou:.4f} ({where}) -> {out_dir}", flush=True)
     return TrainResult(key, result.best_miou, out_dir)
 
 
