@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import requests
 from conftest import REPO, free_port
 from segpipe.config import DataParams, SubmitParams, TRASH_CLASSES
 from segpipe.leaderboard import (
-    LeaderboardAuthError, LeaderboardClient, SubmissionRefused, UploadRejected,
+    LeaderboardAuthError, LeaderboardClient, LeaderboardError, SubmissionRefused, UploadRejected,
 )
 from segpipe.submission import sha256_file, write_submission
 
@@ -26,7 +29,9 @@ pytestmark = pytest.mark.services
 CID = 7
 LIMIT = 5
 N = 4
-KEYS = {name: "k-" + secrets.token_hex(12) for name in ("alice", "bob", "carol")}
+# one user per test that counts slots; appended names keep the earlier users' ids (bob is user 2)
+KEYS = {name: "k-" + secrets.token_hex(12)
+        for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")}
 ADMIN = "admin-" + secrets.token_hex(12)
 
 
@@ -223,3 +228,133 @@ def test_submit_stage_uses_ledger(board, tmp_path):
     assert second.reused and second.submission_id == first.submission_id
     assert client(board, "carol").limits().used_today == 1
     assert client(board, "carol").submission(first.submission_id).hyperparameters == hyper
+
+
+# ------------------------------------------------------------------------- retries, idempotency, 4xx not retried
+class FlakyProxy:
+    """An HTTP proxy in front of the leaderboard that breaks on cue, to test the client's retries for real.
+
+    `faults[path_part]` lists what the next requests whose path contains `path_part` get, one each:
+    "drop" (forwarded, so the server acts on it, then the connection closes with no answer), "truncate"
+    (forwarded, then half the body and a closed connection) or an HTTP status answered without forwarding.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream, self.faults, self.seen = upstream, {}, []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"               # keep-alive, as the client's session expects
+
+            def do_GET(self):
+                proxy.handle(self)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):   # the broken pipes are the point
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, part: str) -> int:
+        return sum(part in p for p in self.seen)
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?")[0]
+        self.seen.append(path)
+        fault = next((q.pop(0) for part, q in self.faults.items() if part in path and q), None)
+        if isinstance(fault, int):
+            return self._send(h, fault, b'{"detail": "injected by FlakyProxy"}')
+        auth = {"Authorization": h.headers["Authorization"]} if h.headers.get("Authorization") else {}
+        r = requests.get(self.upstream + h.path, headers=auth, timeout=30)
+        if fault == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault == "truncate":
+            self._send(h, r.status_code, r.content, cut=len(r.content) // 2)
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._send(h, r.status_code, r.content)
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, cut: int | None = None) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))      # the whole length, even when only `cut` bytes follow
+        h.end_headers()
+        h.wfile.write(body[:cut])
+        h.wfile.flush()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(board):
+    p = FlakyProxy(board["server"].url)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("fault", ["drop", "truncate", 500, 503])
+def test_retry_after_a_network_error_makes_one_submission(board, proxy, tmp_path, fault):
+    """The presign is recorded, then the answer is lost (or a 5xx comes back): the retry gets the same slot."""
+    names, labels = board["names"], board["labels"]
+    masks = labels.copy()
+    masks[:, :, : 32 * (1 + ["drop", "truncate", 500, 503].index(fault))] = 0    # a different file per case
+    csv = write_submission(tmp_path / "f.csv", names, masks)
+    direct = client(board, "frank")
+    used = direct.limits().used_today
+    proxy.faults["presigned_url"] = [fault]
+    c = LeaderboardClient(proxy.url, CID, KEYS["frank"], timeout=10, retries=2, backoff_s=0.05)
+    sub = c.submit(csv, f"retried {fault}", {}, allow_last_slot=True)
+    assert proxy.count("presigned_url") == 2                 # the faulty answer, then the retry
+    assert direct.limits().used_today == used + 1            # one slot, not two
+    mine = [s for s in direct.submissions() if s.content_sha256 == sha256_file(csv)]
+    assert [s.id for s in mine] == [sub.id]
+    # a lost answer leaves the server's record in place: the retry is told so, and uploads into that slot
+    assert sub.existing is (fault in ("drop", "truncate"))
+    assert direct.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).status == "scored"
+
+
+def test_4xx_is_final_and_5xx_retries_run_out(board, proxy):
+    c = LeaderboardClient(proxy.url, CID, KEYS["frank"], timeout=10, retries=3, backoff_s=0.01)
+    with pytest.raises(LeaderboardError, match="404 .*competition 999 not found"):
+        LeaderboardClient(proxy.url, 999, KEYS["frank"], retries=3, backoff_s=0.01).limits()
+    with pytest.raises(LeaderboardAuthError, match="401"):
+        LeaderboardClient(proxy.url, CID, "wrong-key", retries=3, backoff_s=0.01).limits()
+    proxy.faults["limits"] = [429]
+    with pytest.raises(SubmissionRefused, match="429"):
+        c.limits()
+    assert proxy.count("limits") == 3                        # each 4xx answered once, never retried
+    proxy.faults["limits"] = [502] * 4
+    with pytest.raises(LeaderboardError, match="failed after 4 attempts: HTTP 502"):
+        c.limits()
+    assert proxy.count("limits") == 3 + 4
+    proxy.faults["limits"] = ["truncate", "drop"]
+    assert c.limits().daily_limit == LIMIT                   # two transport errors, then an answer
+    assert proxy.count("limits") == 3 + 4 + 3
+
+
+def test_a_slot_left_pending_is_uploaded_by_the_next_try(board, tmp_path):
+    """A run died after the presign and before the upload: the same file later fills that slot, spending none."""
+    names, labels = board["names"], board["labels"]
+    csv = write_submission(tmp_path / "g.csv", names, labels)
+    r = requests.get(f"{board['server'].url}/api/v1/competition/{CID}/presigned_url/", timeout=10,
+                     params={"description": "died", "content_sha256": sha256_file(csv)},
+                     headers={"Authorization": f"Bearer {KEYS['gina']}"})
+    r.raise_for_status()
+    reserved = r.json()["submission"]["id"]                  # ... and nothing was uploaded
+    c = client(board, "gina")
+    sub = c.submit(csv, "second try", {})
+    assert sub.id == reserved and c.limits().used_today == 1
+    assert c.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).public_score == pytest.approx(1.0)
