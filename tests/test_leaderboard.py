@@ -218,16 +218,67 @@ def test_submit_stage_uses_ledger(board, tmp_path):
                           wait_seconds=20, poll_seconds=0.2, ledger=str(tmp_path / "ledger.json"))
     data = DataParams(root="unused", classes=TRASH_CLASSES)
     hyper = {"train": {"epochs": 1}, "retrain": {}, "infer": {"tta": ["hflip"]}}
-    first = run(params, data, infer, tmp_path / "out", key=KEYS["carol"], hyperparameters=hyper)
+    first = run(params, data, infer, tmp_path / "out", key=KEYS["carol"], hyperparameters=hyper,
+                oof_miou=0.8125, run_name="run-a")
     assert first.status == "scored" and first.public_score == pytest.approx(1.0) and not first.reused
-    assert "public mIoU 1.0000" in first.summary()
+    assert "public mIoU 1.0000 (OOF 0.8125)" in first.summary()
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["sha256"] == sha256_file(tmp_path / "out" / "submission.csv")
     assert saved["submission_id"] == first.submission_id
-    second = run(params, data, infer, tmp_path / "out2", key=KEYS["carol"], hyperparameters=hyper)
+    second = run(params, data, infer, tmp_path / "out2", key=KEYS["carol"], hyperparameters=hyper,
+                 oof_miou=0.8125, run_name="run-b")
     assert second.reused and second.submission_id == first.submission_id
     assert client(board, "carol").limits().used_today == 1
     assert client(board, "carol").submission(first.submission_id).hyperparameters == hyper
+
+    # the CV-vs-leaderboard record: one row per submission (the reuse refreshed it, added none), beside the ledger
+    history = json.loads((tmp_path / "submission_history.json").read_text())
+    assert len(history) == 1
+    row = history[0]
+    assert (row["run"], row["submission_id"], row["local_id"], row["description"], row["oof_miou"]) == \
+        ("run-a", first.submission_id, first.local_id, "nightly", 0.8125)
+    assert row["public_score"] == pytest.approx(1.0) and row["status"] == "scored" and row["time"].endswith("Z")
+    assert row["sha256"] == saved["sha256"] and row["deployment"] is None
+    assert json.loads((tmp_path / "out2" / "history.json").read_text()) == history
+    assert not list(tmp_path.glob(".submission_history.json.*[!k]"))     # no temp file left; only the lock
+    assert all(KEYS["carol"] not in p.read_text() for p in tmp_path.rglob("*.json"))
+
+
+def _infer_dir(root: Path, names: list[str], masks: np.ndarray) -> Path:
+    root.mkdir(parents=True)
+    np.save(root / "test_masks.npy", masks)
+    (root / "test_index.json").write_text(json.dumps({"file_names": names}))
+    return root
+
+
+def test_if_better_policy_against_the_leaderboard(board, tmp_path):
+    """nightly: if_better. A worse OOF writes and lints only (no slot); a better one submits; history keeps both."""
+    from pipelines.submit import run
+
+    names, labels = board["names"], board["labels"]
+    params = SubmitParams(base_url=board["server"].url, competition_id=CID, policy={"nightly": "if_better"},
+                          wait_seconds=20, poll_seconds=0.2, ledger=str(tmp_path / "ledger.json"))
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+
+    def nightly(name: str, masks: np.ndarray, oof: float):
+        return run(params, data, _infer_dir(tmp_path / name, names, masks), tmp_path / name / "out",
+                   key=KEYS["erin"], hyperparameters={}, oof_miou=oof, deployment="nightly", run_name=name)
+
+    half = labels.copy()
+    half[:, :128] = 0
+    a = nightly("night-1", half, 0.5)
+    assert a.status == "scored" and "no earlier submission to beat" in a.reason
+    b = nightly("night-2", np.zeros_like(labels), 0.45)
+    assert b.status == "dry-run" and b.submission_id is None
+    assert f"does not beat the best submitted OOF mIoU 0.5000 (submission {a.submission_id}, run night-1)" in b.reason
+    assert client(board, "erin").limits().used_today == 1                    # the worse run spent nothing
+    c = nightly("night-3", labels, 0.7)
+    assert c.status == "scored" and "0.7000 beats the best submitted OOF mIoU 0.5000" in c.reason
+    assert client(board, "erin").limits().used_today == 2
+    history = json.loads((tmp_path / "night-3" / "out" / "history.json").read_text())
+    assert [(r["run"], r["deployment"], r["oof_miou"], r["submission_id"]) for r in history] == \
+        [("night-1", "nightly", 0.5, a.submission_id), ("night-3", "nightly", 0.7, c.submission_id)]
+    assert [r["public_score"] for r in history] == [pytest.approx(a.public_score), pytest.approx(1.0)]
 
 
 # ------------------------------------------------------------------------- retries, idempotency, 4xx not retried
