@@ -409,3 +409,63 @@ def test_a_slot_left_pending_is_uploaded_by_the_next_try(board, tmp_path):
     sub = c.submit(csv, "second try", {})
     assert sub.id == reserved and c.limits().used_today == 1
     assert c.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).public_score == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ the Prefect flow side
+def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_path, monkeypatch):
+    """The flow's submit step under a real (temporary) Prefect server: the deployment's name picks the policy,
+    the history becomes a table artifact, and the key shows up in no log, artifact or parameter."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.logging.handlers import APILogWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.full_pipeline import submit_and_record
+    from segpipe.config import load_all
+
+    names, labels = board["names"], board["labels"]
+    p = load_all(REPO / "params.yaml")
+    p["submit"] = p["submit"].model_copy(update={
+        "base_url": board["server"].url, "competition_id": CID, "wait_seconds": 20, "poll_seconds": 0.2,
+        "ledger": str(tmp_path / "ledger.json"), "description": "flow check"})
+    assert p["submit"].policy["nightly"] == "if_better" and "staging" not in p["submit"].policy
+    key = KEYS["hank"]
+    monkeypatch.setenv("SEGPIPE_LEADERBOARD_KEY", key)     # how the stack's worker gets it
+
+    @flow(name="submit-check")
+    def submit_check(run: str) -> dict:
+        return submit_and_record(p, tmp_path / run, f"runs/{tmp_path.name}-{run}", run, 0.6)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        _infer_dir(tmp_path / "r1" / "infer", names, labels)
+        monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")   # prefect.runtime's documented mock
+        one = submit_check("r1")
+        _infer_dir(tmp_path / "r2" / "infer", names, np.zeros_like(labels))
+        monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "staging")
+        two = submit_check("r2")
+        APILogWorker.drain_all(timeout=10)
+        with get_client(sync_client=True) as pc:
+            arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["submission-history"])))
+            every_artifact = pc.read_artifacts()
+            logs = pc.read_logs()
+            runs = pc.read_flow_runs()
+
+    assert one["submit_status"] == "scored" and one["public_miou"] == pytest.approx(1.0)
+    assert "<submit.policy.nightly=if_better>" in one["submit_reason"]
+    assert two["submit_status"] == "dry-run" and two["submission"] is None
+    assert "deployment 'staging' is not in submit.policy" in two["submit_reason"]
+    assert client(board, "hank").limits().used_today == 1
+
+    # published by both runs (the staging run shows the record it did not add to)
+    assert len(arts) == 2
+    table = json.loads(arts[0].data)
+    assert [(r["run"], r["deployment"], r["oof_miou"], r["submission_id"], r["description"]) for r in table] == \
+        [("r1", "nightly", 0.6, one["submission"], "flow check")]
+    assert table[0]["public_score"] == pytest.approx(1.0)
+
+    assert any("submit: public mIoU 1.0000 (OOF 0.6000)" in lg.message for lg in logs)
+    assert any("not submitted: deployment 'staging'" in lg.message for lg in logs)
+    text = json.dumps([a.model_dump(mode="json") for a in every_artifact]) + json.dumps(
+        [lg.message for lg in logs]) + json.dumps([r.parameters for r in runs], default=str)
+    assert key not in text, "the leaderboard key leaked into the Prefect API"
