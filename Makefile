@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup stack-up stack-down stack-status deploy demo repro test test-fast lint clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast lint clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -16,6 +16,19 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+# The leaderboard-page test drives a headless Chromium through its chromedriver. Debian's packages are used
+# (Ubuntu's `chromium` is a snap shim that does not run in containers): installed only when missing, quietly.
+# A failed install only warns: the browser test then fails under CI=true and skips, naming the fix, elsewhere.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+system-deps:                              ## chromium + chromedriver for the browser test (apt-get, when missing)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "system-deps: installing chromium chromium-driver (apt-get)"; \
+	  ( $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq chromium chromium-driver >/dev/null ) \
+	  || echo "system-deps: WARNING: could not install chromium chromium-driver; the browser test will not run" >&2; \
+	else echo "system-deps: WARNING: no apt-get; install chromium and chromedriver yourself" >&2; fi
 
 stack-up: setup                           ## SeaweedFS S3 + Prefect server/worker + leaderboard on 127.0.0.1
 	$(BIN)/segpipe stack up
@@ -37,10 +50,10 @@ demo: deploy                              ## run the whole chain through the Pre
 repro: stack-up                           ## the same chain stage by stage through DVC
 	$(WITH_STACK) PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 
-test: setup                               ## unit + integration tests (real SeaweedFS, real Prefect)
+test: system-deps setup                   ## unit + integration tests (real SeaweedFS, real Prefect, Chromium)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
 
-test-fast: setup                          ## skip the end-to-end runs
+test-fast: system-deps setup              ## skip the end-to-end runs
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow"
 
 clean:

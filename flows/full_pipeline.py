@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tasks
@@ -57,10 +57,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
 
     summary = {"run": rid, "data_version": version, "oof_miou": result.oof_miou, "artifacts": prefix}
     if submit:
-        sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit",
-                           hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer")})
-        tasks.upload(run_dir / "submit", f"{prefix}/submit")
-        summary.update(public_miou=getattr(sub, "public_score", None), submission=getattr(sub, "submission_id", None))
+        summary.update(submit_and_record(p, run_dir, prefix, rid, result.oof_miou))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     create_table_artifact([{k: str(v) for k, v in summary.items()}], key="run-summary",
                           description=f"full-pipeline run {rid}")
@@ -81,6 +78,32 @@ def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, param
 def publish_markdown(path: Path, key: str) -> None:
     if path.is_file():
         create_markdown_artifact(path.read_text(), key=key)
+
+
+def submit_and_record(p: dict, run_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
+    """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
+    # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
+    sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit",
+                       hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer")},
+                       oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
+    tasks.upload(run_dir / "submit", f"{prefix}/submit")
+    publish_history(run_dir / "submit" / "history.json")
+    return {"public_miou": sub.public_score, "submission": sub.submission_id, "submit_status": sub.status,
+            "submit_reason": sub.reason}
+
+
+HISTORY_COLUMNS = ("run", "time", "deployment", "submission_id", "description", "oof_miou", "public_score",
+                   "status", "sha256")
+
+
+def publish_history(path: Path) -> None:
+    """The CV-vs-leaderboard history (submit stage's history.json) as a table artifact, newest first."""
+    records = json.loads(path.read_text()) if path.is_file() else []
+    if not records:
+        return
+    rows = [{c: r.get(c) for c in HISTORY_COLUMNS} for r in reversed(records)]
+    create_table_artifact(rows, key="submission-history",
+                          description="OOF (cross-validated) mIoU vs public leaderboard mIoU, one row per submission")
 
 
 def publish_members(outs: list[Path], key: str) -> None:

@@ -40,10 +40,17 @@ def leaderboard_key() -> str | None:
 
 
 @task(name="submit", retries=0)   # the client retries safely itself; a second task try could double-submit
-def submit(params, data, infer_dir: Path, out_dir: Path, hyperparameters: dict):
-    """Write, lint and send the submission. The key is read here, so it is never a task input in the UI."""
-    return pipelines.submit.run(params, data, infer_dir, out_dir, key=leaderboard_key(),
-                                hyperparameters=hyperparameters)
+def submit(params, data, infer_dir: Path, out_dir: Path, hyperparameters: dict, oof_miou: float | None = None,
+           deployment: str | None = None, run_name: str = ""):
+    """Write, lint and (if submit.policy lets this deployment) send the submission.
+
+    The key is read here, so it is never a task input in the UI.
+    """
+    result = pipelines.submit.run(params, data, infer_dir, out_dir, key=leaderboard_key(),
+                                  hyperparameters=hyperparameters, oof_miou=oof_miou, deployment=deployment,
+                                  run_name=run_name)
+    get_run_logger().info(result.summary())
+    return result
 
 
 @task(name="upload", retries=3, retry_delay_seconds=[2, 10, 30])

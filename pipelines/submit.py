@@ -1,25 +1,33 @@
-"""Stage `submit`: write and lint the submission CSV from the infer stage's masks, submit it, wait for the score."""
+"""Stage `submit`: write and lint the submission CSV, decide whether this run may submit, submit, wait for the score.
+
+Every submission is also recorded in the CV-vs-leaderboard history (`submission_history.json` beside the ledger):
+run, time, file sha256, submission id, description, OOF mIoU and public score. The `if_better` policy reads it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
-from segpipe.leaderboard import LeaderboardClient, LeaderboardError
+from segpipe.leaderboard import LeaderboardClient, LeaderboardError, Submission
 from segpipe.submission import lint_submission, write_submission
 
 log = logging.getLogger("pipelines.submit")
 
 KEY_ENV = "SEGPIPE_LEADERBOARD_KEY"
+HISTORY_NAME = "submission_history.json"
 
 
 class SubmitFailed(RuntimeError):
@@ -39,31 +47,140 @@ class SubmitResult:
     public_per_class: dict | None = None
     reused: bool = False                 # the ledger or the server already had this file
     error: str | None = None
+    oof_miou: float | None = None        # this run's cross-validated mIoU, beside the public score
+    reason: str = ""                     # why this run did or did not submit (policy, mode)
 
     def summary(self) -> str:
-        if self.mode == "dry-run":
-            return f"submit: dry run, {self.csv} linted OK (sha256 {self.sha256[:12]}) <submit.mode=dry-run>"
+        if self.status == "dry-run":
+            return (f"submit: dry run, not submitted: {self.reason} | {self.csv} linted OK "
+                    f"(sha256 {self.sha256[:12]})")
         score = "n/a" if self.public_score is None else f"{self.public_score:.4f}"
+        oof = "n/a" if self.oof_miou is None else f"{self.oof_miou:.4f}"
         again = ", already submitted" if self.reused else ""
-        return (f"submit: public mIoU {score} | submission {self.submission_id} (#{self.local_id}) {self.status}"
-                f"{again} | {self.description!r}" + (f" | {self.error}" if self.error else ""))
+        return (f"submit: public mIoU {score} (OOF {oof}) | submission {self.submission_id} (#{self.local_id}) "
+                f"{self.status}{again} | {self.description!r}" + (f" | {self.error}" if self.error else ""))
+
+
+@dataclass(frozen=True)
+class Decision:
+    submit: bool
+    reason: str
 
 
 def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file + fsync + os.replace): a crash never leaves half a ledger."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _update_json(path: Path, default, change: Callable):
+    """Read-modify-write `path` under an exclusive lock, so two runs finishing together both keep their entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        obj = json.loads(path.read_text()) if path.is_file() else default
+        obj = change(obj)
+        _write_json(path, obj)
+    return obj
 
 
 def _ledger_key(params: SubmitParams, sha256: str) -> str:
     return f"{params.base_url.rstrip('/')}|{params.competition_id}|{sha256}"
 
 
+def _board(params: SubmitParams) -> str:
+    """Which leaderboard a history record belongs to: OOF scores compare only within one competition."""
+    return f"{params.base_url.rstrip('/')}|{params.competition_id}"
+
+
+def history_path(params: SubmitParams) -> Path:
+    return Path(params.ledger).parent / HISTORY_NAME
+
+
+def read_history(params: SubmitParams) -> list[dict]:
+    """This leaderboard's records from the history file, oldest first; [] when there is none yet."""
+    path = history_path(params)
+    records = json.loads(path.read_text()) if path.is_file() else []
+    return [r for r in records if r.get("leaderboard") == _board(params)]
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def decide(params: SubmitParams, deployment: str | None, oof_miou: float | None, history: list[dict]) -> Decision:
+    """Whether this run may spend a leaderboard slot, and a sentence saying why (with the knob that decided)."""
+    if params.mode == "dry-run":
+        return Decision(False, "write and lint only <submit.mode=dry-run>")
+    if deployment:
+        if deployment not in params.policy:
+            return Decision(False, f"deployment {deployment!r} is not in submit.policy {sorted(params.policy)}; "
+                                   "its runs write and lint only")
+        policy, who, knob = params.policy[deployment], f"deployment {deployment!r}", f"submit.policy.{deployment}"
+    else:
+        policy, who, knob = params.manual_policy, "a run outside any deployment", "submit.manual_policy"
+    knob = f"<{knob}={policy}>"
+    if policy == "never":
+        return Decision(False, f"{who} never submits {knob}")
+    if policy == "always":
+        return Decision(True, f"{who} always submits {knob}")
+    oof_miou = _finite(oof_miou)
+    if oof_miou is None:
+        return Decision(False, f"{who} submits only a better OOF mIoU, and this run has none to compare "
+                               f"(no infer metrics) {knob}")
+    earlier = [r for r in history if _finite(r.get("oof_miou")) is not None and r.get("status") != "failed"]
+    if not earlier:
+        return Decision(True, f"OOF mIoU {oof_miou:.4f}: no earlier submission to beat {knob}")
+    best = max(earlier, key=lambda r: r["oof_miou"])
+    than = (f"the best submitted OOF mIoU {best['oof_miou']:.4f} (submission {best.get('submission_id')}, "
+            f"run {best.get('run')})")
+    if oof_miou > best["oof_miou"]:
+        return Decision(True, f"OOF mIoU {oof_miou:.4f} beats {than} {knob}")
+    return Decision(False, f"OOF mIoU {oof_miou:.4f} does not beat {than} {knob}")
+
+
+def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_miou: float | None,
+           deployment: str | None) -> list[dict]:
+    """Add this submission to the history (or refresh its status and score); return this leaderboard's records."""
+    entry = {
+        "leaderboard": _board(params), "run": run, "deployment": deployment,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": sha256,
+        "submission_id": sub.id, "local_id": sub.local_id, "description": sub.description or params.description,
+        "oof_miou": _finite(oof_miou), "public_score": sub.public_score, "status": sub.status,
+    }
+
+    def change(records: list[dict]) -> list[dict]:
+        for r in records:
+            if r.get("leaderboard") == entry["leaderboard"] and r.get("submission_id") == sub.id:
+                # the same submission seen again (ledger or server reuse): keep who made it, refresh the score
+                r.update(public_score=sub.public_score, status=sub.status)
+                if r.get("oof_miou") is None:
+                    r["oof_miou"] = entry["oof_miou"]
+                return records
+        return [*records, entry]
+
+    records = _update_json(history_path(params), [], change)
+    return [r for r in records if r.get("leaderboard") == entry["leaderboard"]]
+
+
 def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, *, key: str | None,
-        hyperparameters: dict, force: bool = False) -> SubmitResult:
-    """Write out_dir/submission.csv from infer_dir's (N, H, W) masks, lint it, and (mode: submit) submit it."""
+        hyperparameters: dict, force: bool = False, oof_miou: float | None = None, deployment: str | None = None,
+        run_name: str = "") -> SubmitResult:
+    """Write out_dir/submission.csv from infer_dir's (N, H, W) masks, lint it, and submit it if the policy allows.
+
+    `deployment` is the Prefect deployment this run belongs to (None: a run by hand) and `oof_miou` its
+    cross-validated score; `decide` turns them and submit.policy into submit-or-not. out_dir also gets
+    result.json and history.json (this leaderboard's CV-vs-public records, for the flow's table artifact).
+    """
     infer_dir, out_dir = Path(infer_dir), Path(out_dir)
     masks_path, index_path = infer_dir / "test_masks.npy", infer_dir / "test_index.json"
     for p in (masks_path, index_path):
@@ -74,10 +191,16 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
     csv = write_submission(out_dir / "submission.csv", names, masks)
     report = lint_submission(csv, names, len(data.classes))
     log.info("wrote %s: %d rows, %s bytes, sha256 %s", csv, report.n_rows, f"{report.size_bytes:,}", report.sha256)
-    base = dict(csv=str(csv), sha256=report.sha256, mode=params.mode, description=params.description)
-    if params.mode == "dry-run":
+    run_name = run_name or time.strftime("manual-%Y%m%d-%H%M%S", time.gmtime())
+    history = read_history(params)
+    decision = decide(params, deployment, oof_miou, history)
+    log.info("%s: %s", "submitting" if decision.submit else "not submitting", decision.reason)
+    base = dict(csv=str(csv), sha256=report.sha256, mode=params.mode, description=params.description,
+                oof_miou=_finite(oof_miou), reason=decision.reason)
+    if not decision.submit:
         result = SubmitResult(status="dry-run", **base)
         _write_json(out_dir / "result.json", asdict(result))
+        _write_json(out_dir / "history.json", history)
         return result
     if not key:
         raise SubmitFailed(f"{KEY_ENV} is not set; export your leaderboard key or use submit.mode=dry-run")
@@ -100,30 +223,38 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
         sub = client.submit(csv, params.description, hyperparameters, force=force,
                             allow_last_slot=params.allow_last_slot)
         reused = sub.existing
-        ledger[_ledger_key(params, report.sha256)] = {
-            "submission_id": sub.id, "local_id": sub.local_id, "description": params.description,
-            "submitted_at": sub.submitted_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        _write_json(ledger_path, ledger)
+        new = {"submission_id": sub.id, "local_id": sub.local_id, "description": params.description,
+               "submitted_at": sub.submitted_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _update_json(ledger_path, {}, lambda d: {**d, _ledger_key(params, report.sha256): new})
     if sub.status == "pending":
         try:
             sub = client.wait_for_score(sub.id, timeout_s=params.wait_seconds, poll_s=params.poll_seconds)
         except TimeoutError as e:
             log.warning("%s <submit.wait_seconds=%s>", e, params.wait_seconds)
+    history = record(params, sub, run=run_name, sha256=report.sha256, oof_miou=oof_miou, deployment=deployment)
     result = SubmitResult(
         status=sub.status, submission_id=sub.id, local_id=sub.local_id, public_score=sub.public_score,
         public_per_class=sub.public_per_class, reused=reused, error=sub.error, **base)
     _write_json(out_dir / "result.json", asdict(result))
+    _write_json(out_dir / "history.json", history)
     if sub.status == "failed":
         raise SubmitFailed(f"leaderboard rejected submission {sub.id}: {sub.error}")
     return result
 
 
+def infer_oof_miou(infer_dir: Path) -> float | None:
+    """The ensemble's OOF mIoU from the infer stage's metrics.json; None when the stage did not write one."""
+    path = Path(infer_dir) / "metrics.json"
+    return json.loads(path.read_text()).get("oof_miou") if path.is_file() else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     p.add_argument("--infer", type=Path, default=Path("artifacts/infer"))
     p.add_argument("--out", type=Path, default=Path("artifacts/submit"))
+    p.add_argument("--run-name", default="", help="the run this file came from, for the history "
+                   "(default: manual-<UTC time>)")
     p.add_argument("--force", action="store_true", help="submit even if this exact file was submitted before")
     p.add_argument("--dry-run", action="store_true", help="write and lint only, whatever submit.mode says "
                    "(dvc repro uses it: a slot is spent by the flow or by hand, never by a cache miss)")
@@ -139,11 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         params = params.model_copy(update={"mode": "dry-run"})
     data = parse_section(raw, "data", DataParams, str(args.params))
     key = os.environ.get(KEY_ENV)
-    if params.mode == "submit" and not key:          # fail before minutes of CSV writing, not after
+    oof = infer_oof_miou(args.infer)
+    decision = decide(params, None, oof, read_history(params))   # a run by hand belongs to no deployment
+    if decision.submit and not key:                  # fail before minutes of CSV writing, not after
         raise SystemExit(f"{KEY_ENV} is not set: export your leaderboard key, or set submit.mode: dry-run")
     hyper = {name: raw.get(name, {}) for name in ("train", "retrain", "infer")}
     try:
-        result = run(params, data, args.infer, args.out, key=key, hyperparameters=hyper, force=args.force)
+        result = run(params, data, args.infer, args.out, key=key, hyperparameters=hyper, force=args.force,
+                     oof_miou=oof, run_name=args.run_name)
     except (SubmitFailed, LeaderboardError) as e:
         raise SystemExit(f"submit failed: {e}") from None
     print(result.summary())

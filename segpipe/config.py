@@ -122,8 +122,16 @@ class PseudoParams(Section):
     min_confident_fraction: float = Field(ge=0, le=1)  # images below this kept share are dropped
 
 
+SubmitPolicy = Literal["always", "if_better", "never"]
+
+
 class SubmitParams(Section):
     mode: Literal["submit", "dry-run"] = "submit"
+    # which runs may spend a slot on their own: Prefect deployment name -> policy. A deployment not listed
+    # never submits (its runs write and lint only): an unattended run spends slots only where someone said so.
+    # if_better: only when this run's OOF mIoU beats the best OOF among earlier submissions (the history).
+    policy: dict[str, SubmitPolicy] = Field(default_factory=dict)
+    manual_policy: SubmitPolicy = "always"   # runs outside any deployment: `python -m pipelines.submit`, a flow call
     description: str = "segpipe"
     base_url: str
     competition_id: int
@@ -131,6 +139,7 @@ class SubmitParams(Section):
     poll_seconds: float = Field(gt=0, default=2.0)   # score polling interval
     allow_last_slot: bool = False   # the nightly run never spends the day's last slot; keep it for a human
     ledger: str = ".segpipe/submissions.json"   # sha256 -> submission; outside the stage's DVC-wiped out dir
+    # (the CV-vs-leaderboard history, submission_history.json, lives beside it for the same reason)
 
 
 class FanoutParams(Section):

@@ -78,6 +78,11 @@ def _s3_error(resp: requests.Response) -> str:
     return f"{resp.status_code} {code.group(1) if code else ''} {msg.group(1) if msg else resp.text[:200]}".strip()
 
 
+# A dropped connection can surface while the body is read (ChunkedEncodingError: the server answered, then the
+# connection broke mid-response), not only while connecting; both are worth a retry, as the calls are idempotent.
+TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
 class LeaderboardClient:
     """Talks to an AI Stages style leaderboard; retries transport errors and 5xx, never 4xx."""
 
@@ -109,7 +114,7 @@ class LeaderboardClient:
                     for _, spec in kw["files"].items():
                         spec[1].seek(0)
                 resp = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except TRANSIENT as e:
                 err: str = f"{type(e).__name__}: {e}"
             else:
                 if resp.status_code < 500:
@@ -131,7 +136,11 @@ class LeaderboardClient:
             raise SubmissionRefused(f"429 from the leaderboard: {self._detail(resp)}")
         if resp.status_code >= 400:
             raise LeaderboardError(f"{resp.status_code} from {resp.url.split('?')[0]}: {self._detail(resp)}")
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise LeaderboardError(f"{resp.status_code} from {resp.url.split('?')[0]} is not JSON (is "
+                                   f"submit.base_url the leaderboard?): {resp.text[:200]!r}") from None
 
     @staticmethod
     def _detail(resp: requests.Response) -> str:
@@ -156,19 +165,29 @@ class LeaderboardClient:
         """Upload a submission file; the same file twice returns the first submission unless `force`."""
         csv_path = Path(csv_path)
         digest = sha256_file(csv_path)
+        reserved = None
         if not force:                            # the same file again costs no slot, even the last one
-            for sub in self.submissions():
-                if sub.content_sha256 == digest:
-                    log.info("leaderboard already has this file as submission %s (%s)", sub.id, sub.status)
-                    return dataclasses.replace(sub, existing=True)
-        lim = self.limits()
-        if lim.remaining <= 0:
-            raise SubmissionRefused(
-                f"daily limit used up ({lim.used_today}/{lim.daily_limit}); it resets at {lim.resets_at}")
-        if lim.remaining == 1 and not allow_last_slot:
-            raise SubmissionRefused(
-                f"only the last of {lim.daily_limit} daily slots is left; pass allow_last_slot=True "
-                "(submit.allow_last_slot in params.yaml) to spend it")
+            same = [s for s in self.submissions() if s.content_sha256 == digest]
+            done = [s for s in same if s.status != "pending"]
+            if done:
+                log.info("leaderboard already has this file as submission %s (%s)", done[0].id, done[0].status)
+                return dataclasses.replace(done[0], existing=True)
+            # pending: its slot was taken, but an earlier attempt may have died before the upload finished;
+            # asking again for the same (sha256, nonce) returns that slot with a fresh URL, and re-uploading
+            # the same bytes to the same key is harmless, so upload rather than wait for a file that never comes
+            reserved = same[0] if same else None
+        if reserved is None:                     # a new slot: check the limit before asking for one
+            lim = self.limits()
+            if lim.remaining <= 0:
+                raise SubmissionRefused(
+                    f"daily limit used up ({lim.used_today}/{lim.daily_limit}); it resets at {lim.resets_at}")
+            if lim.remaining == 1 and not allow_last_slot:
+                raise SubmissionRefused(
+                    f"only the last of {lim.daily_limit} daily slots is left; pass allow_last_slot=True "
+                    "(submit.allow_last_slot in params.yaml) to spend it")
+        else:
+            log.info("submission %s holds this file's slot but is still pending; uploading the file (again)",
+                     reserved.id)
         params = {
             "description": description,
             "hyperparameters": json.dumps(hyperparameters, separators=(",", ":"), default=str),

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import requests
 from conftest import REPO, free_port
 from segpipe.config import DataParams, SubmitParams, TRASH_CLASSES
 from segpipe.leaderboard import (
-    LeaderboardAuthError, LeaderboardClient, SubmissionRefused, UploadRejected,
+    LeaderboardAuthError, LeaderboardClient, LeaderboardError, SubmissionRefused, UploadRejected,
 )
 from segpipe.submission import sha256_file, write_submission
 
@@ -26,7 +30,9 @@ pytestmark = pytest.mark.services
 CID = 7
 LIMIT = 5
 N = 4
-KEYS = {name: "k-" + secrets.token_hex(12) for name in ("alice", "bob", "carol")}
+# one user per test that counts slots; appended names keep the earlier users' ids (bob is user 2)
+KEYS = {name: "k-" + secrets.token_hex(12)
+        for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")}
 ADMIN = "admin-" + secrets.token_hex(12)
 
 
@@ -213,13 +219,333 @@ def test_submit_stage_uses_ledger(board, tmp_path):
                           wait_seconds=20, poll_seconds=0.2, ledger=str(tmp_path / "ledger.json"))
     data = DataParams(root="unused", classes=TRASH_CLASSES)
     hyper = {"train": {"epochs": 1}, "retrain": {}, "infer": {"tta": ["hflip"]}}
-    first = run(params, data, infer, tmp_path / "out", key=KEYS["carol"], hyperparameters=hyper)
+    first = run(params, data, infer, tmp_path / "out", key=KEYS["carol"], hyperparameters=hyper,
+                oof_miou=0.8125, run_name="run-a")
     assert first.status == "scored" and first.public_score == pytest.approx(1.0) and not first.reused
-    assert "public mIoU 1.0000" in first.summary()
+    assert "public mIoU 1.0000 (OOF 0.8125)" in first.summary()
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["sha256"] == sha256_file(tmp_path / "out" / "submission.csv")
     assert saved["submission_id"] == first.submission_id
-    second = run(params, data, infer, tmp_path / "out2", key=KEYS["carol"], hyperparameters=hyper)
+    second = run(params, data, infer, tmp_path / "out2", key=KEYS["carol"], hyperparameters=hyper,
+                 oof_miou=0.8125, run_name="run-b")
     assert second.reused and second.submission_id == first.submission_id
     assert client(board, "carol").limits().used_today == 1
     assert client(board, "carol").submission(first.submission_id).hyperparameters == hyper
+
+    # the CV-vs-leaderboard record: one row per submission (the reuse refreshed it, added none), beside the ledger
+    history = json.loads((tmp_path / "submission_history.json").read_text())
+    assert len(history) == 1
+    row = history[0]
+    assert (row["run"], row["submission_id"], row["local_id"], row["description"], row["oof_miou"]) == \
+        ("run-a", first.submission_id, first.local_id, "nightly", 0.8125)
+    assert row["public_score"] == pytest.approx(1.0) and row["status"] == "scored" and row["time"].endswith("Z")
+    assert row["sha256"] == saved["sha256"] and row["deployment"] is None
+    assert json.loads((tmp_path / "out2" / "history.json").read_text()) == history
+    assert not list(tmp_path.glob(".submission_history.json.*[!k]"))     # no temp file left; only the lock
+    assert all(KEYS["carol"] not in p.read_text() for p in tmp_path.rglob("*.json"))
+
+
+def _infer_dir(root: Path, names: list[str], masks: np.ndarray) -> Path:
+    root.mkdir(parents=True)
+    np.save(root / "test_masks.npy", masks)
+    (root / "test_index.json").write_text(json.dumps({"file_names": names}))
+    return root
+
+
+def test_if_better_policy_against_the_leaderboard(board, tmp_path):
+    """nightly: if_better. A worse OOF writes and lints only (no slot); a better one submits; history keeps both."""
+    from pipelines.submit import run
+
+    names, labels = board["names"], board["labels"]
+    params = SubmitParams(base_url=board["server"].url, competition_id=CID, policy={"nightly": "if_better"},
+                          wait_seconds=20, poll_seconds=0.2, ledger=str(tmp_path / "ledger.json"))
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+
+    def nightly(name: str, masks: np.ndarray, oof: float):
+        return run(params, data, _infer_dir(tmp_path / name, names, masks), tmp_path / name / "out",
+                   key=KEYS["erin"], hyperparameters={}, oof_miou=oof, deployment="nightly", run_name=name)
+
+    half = labels.copy()
+    half[:, :128] = 0
+    a = nightly("night-1", half, 0.5)
+    assert a.status == "scored" and "no earlier submission to beat" in a.reason
+    b = nightly("night-2", np.zeros_like(labels), 0.45)
+    assert b.status == "dry-run" and b.submission_id is None
+    assert f"does not beat the best submitted OOF mIoU 0.5000 (submission {a.submission_id}, run night-1)" in b.reason
+    assert client(board, "erin").limits().used_today == 1                    # the worse run spent nothing
+    c = nightly("night-3", labels, 0.7)
+    assert c.status == "scored" and "0.7000 beats the best submitted OOF mIoU 0.5000" in c.reason
+    assert client(board, "erin").limits().used_today == 2
+    history = json.loads((tmp_path / "night-3" / "out" / "history.json").read_text())
+    assert [(r["run"], r["deployment"], r["oof_miou"], r["submission_id"]) for r in history] == \
+        [("night-1", "nightly", 0.5, a.submission_id), ("night-3", "nightly", 0.7, c.submission_id)]
+    assert [r["public_score"] for r in history] == [pytest.approx(a.public_score), pytest.approx(1.0)]
+
+
+# ------------------------------------------------------------------------- retries, idempotency, 4xx not retried
+class FlakyProxy:
+    """An HTTP proxy in front of the leaderboard that breaks on cue, to test the client's retries for real.
+
+    `faults[path_part]` lists what the next requests whose path contains `path_part` get, one each:
+    "drop" (forwarded, so the server acts on it, then the connection closes with no answer), "truncate"
+    (forwarded, then half the body and a closed connection) or an HTTP status answered without forwarding.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream, self.faults, self.seen = upstream, {}, []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"               # keep-alive, as the client's session expects
+
+            def do_GET(self):
+                proxy.handle(self)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):   # the broken pipes are the point
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, part: str) -> int:
+        return sum(part in p for p in self.seen)
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?")[0]
+        self.seen.append(path)
+        fault = next((q.pop(0) for part, q in self.faults.items() if part in path and q), None)
+        if isinstance(fault, int):
+            return self._send(h, fault, b'{"detail": "injected by FlakyProxy"}')
+        auth = {"Authorization": h.headers["Authorization"]} if h.headers.get("Authorization") else {}
+        r = requests.get(self.upstream + h.path, headers=auth, timeout=30)
+        if fault == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault == "truncate":
+            self._send(h, r.status_code, r.content, cut=len(r.content) // 2)
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._send(h, r.status_code, r.content)
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, cut: int | None = None) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))      # the whole length, even when only `cut` bytes follow
+        h.end_headers()
+        h.wfile.write(body[:cut])
+        h.wfile.flush()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(board):
+    p = FlakyProxy(board["server"].url)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("fault", ["drop", "truncate", 500, 503])
+def test_retry_after_a_network_error_makes_one_submission(board, proxy, tmp_path, fault):
+    """The presign is recorded, then the answer is lost (or a 5xx comes back): the retry gets the same slot."""
+    names, labels = board["names"], board["labels"]
+    masks = labels.copy()
+    masks[:, :, : 32 * (1 + ["drop", "truncate", 500, 503].index(fault))] = 0    # a different file per case
+    csv = write_submission(tmp_path / "f.csv", names, masks)
+    direct = client(board, "frank")
+    used = direct.limits().used_today
+    proxy.faults["presigned_url"] = [fault]
+    c = LeaderboardClient(proxy.url, CID, KEYS["frank"], timeout=10, retries=2, backoff_s=0.05)
+    sub = c.submit(csv, f"retried {fault}", {}, allow_last_slot=True)
+    assert proxy.count("presigned_url") == 2                 # the faulty answer, then the retry
+    assert direct.limits().used_today == used + 1            # one slot, not two
+    mine = [s for s in direct.submissions() if s.content_sha256 == sha256_file(csv)]
+    assert [s.id for s in mine] == [sub.id]
+    # a lost answer leaves the server's record in place: the retry is told so, and uploads into that slot
+    assert sub.existing is (fault in ("drop", "truncate"))
+    assert direct.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).status == "scored"
+
+
+def test_4xx_is_final_and_5xx_retries_run_out(board, proxy):
+    c = LeaderboardClient(proxy.url, CID, KEYS["frank"], timeout=10, retries=3, backoff_s=0.01)
+    with pytest.raises(LeaderboardError, match="404 .*competition 999 not found"):
+        LeaderboardClient(proxy.url, 999, KEYS["frank"], retries=3, backoff_s=0.01).limits()
+    with pytest.raises(LeaderboardAuthError, match="401"):
+        LeaderboardClient(proxy.url, CID, "wrong-key", retries=3, backoff_s=0.01).limits()
+    proxy.faults["limits"] = [429]
+    with pytest.raises(SubmissionRefused, match="429"):
+        c.limits()
+    assert proxy.count("limits") == 3                        # each 4xx answered once, never retried
+    proxy.faults["limits"] = [502] * 4
+    with pytest.raises(LeaderboardError, match="failed after 4 attempts: HTTP 502"):
+        c.limits()
+    assert proxy.count("limits") == 3 + 4
+    proxy.faults["limits"] = ["truncate", "drop"]
+    assert c.limits().daily_limit == LIMIT                   # two transport errors, then an answer
+    assert proxy.count("limits") == 3 + 4 + 3
+
+
+def test_a_slot_left_pending_is_uploaded_by_the_next_try(board, tmp_path):
+    """A run died after the presign and before the upload: the same file later fills that slot, spending none."""
+    names, labels = board["names"], board["labels"]
+    csv = write_submission(tmp_path / "g.csv", names, labels)
+    r = requests.get(f"{board['server'].url}/api/v1/competition/{CID}/presigned_url/", timeout=10,
+                     params={"description": "died", "content_sha256": sha256_file(csv)},
+                     headers={"Authorization": f"Bearer {KEYS['gina']}"})
+    r.raise_for_status()
+    reserved = r.json()["submission"]["id"]                  # ... and nothing was uploaded
+    c = client(board, "gina")
+    sub = c.submit(csv, "second try", {})
+    assert sub.id == reserved and c.limits().used_today == 1
+    assert c.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).public_score == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ the Prefect flow side
+def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_path, monkeypatch):
+    """The flow's submit step under a real (temporary) Prefect server: the deployment's name picks the policy,
+    the history becomes a table artifact, and the key shows up in no log, artifact or parameter."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.logging.handlers import APILogWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.full_pipeline import submit_and_record
+    from segpipe.config import load_all
+
+    names, labels = board["names"], board["labels"]
+    p = load_all(REPO / "params.yaml")
+    p["submit"] = p["submit"].model_copy(update={
+        "base_url": board["server"].url, "competition_id": CID, "wait_seconds": 20, "poll_seconds": 0.2,
+        "ledger": str(tmp_path / "ledger.json"), "description": "flow check"})
+    assert p["submit"].policy["nightly"] == "if_better" and "staging" not in p["submit"].policy
+    key = KEYS["hank"]
+    monkeypatch.setenv("SEGPIPE_LEADERBOARD_KEY", key)     # how the stack's worker gets it
+
+    @flow(name="submit-check")
+    def submit_check(run: str) -> dict:
+        return submit_and_record(p, tmp_path / run, f"runs/{tmp_path.name}-{run}", run, 0.6)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        _infer_dir(tmp_path / "r1" / "infer", names, labels)
+        monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")   # prefect.runtime's documented mock
+        one = submit_check("r1")
+        _infer_dir(tmp_path / "r2" / "infer", names, np.zeros_like(labels))
+        monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "staging")
+        two = submit_check("r2")
+        APILogWorker.drain_all(timeout=10)
+        with get_client(sync_client=True) as pc:
+            arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["submission-history"])))
+            every_artifact = pc.read_artifacts()
+            logs = pc.read_logs()
+            runs = pc.read_flow_runs()
+
+    assert one["submit_status"] == "scored" and one["public_miou"] == pytest.approx(1.0)
+    assert "<submit.policy.nightly=if_better>" in one["submit_reason"]
+    assert two["submit_status"] == "dry-run" and two["submission"] is None
+    assert "deployment 'staging' is not in submit.policy" in two["submit_reason"]
+    assert client(board, "hank").limits().used_today == 1
+
+    # published by both runs (the staging run shows the record it did not add to)
+    assert len(arts) == 2
+    table = json.loads(arts[0].data)
+    assert [(r["run"], r["deployment"], r["oof_miou"], r["submission_id"], r["description"]) for r in table] == \
+        [("r1", "nightly", 0.6, one["submission"], "flow check")]
+    assert table[0]["public_score"] == pytest.approx(1.0)
+
+    assert any("submit: public mIoU 1.0000 (OOF 0.6000)" in lg.message for lg in logs)
+    assert any("not submitted: deployment 'staging'" in lg.message for lg in logs)
+    text = json.dumps([a.model_dump(mode="json") for a in every_artifact]) + json.dumps(
+        [lg.message for lg in logs]) + json.dumps([r.parameters for r in runs], default=str)
+    assert key not in text, "the leaderboard key leaked into the Prefect API"
+
+
+# ------------------------------------------------------------------------------------------------ the HTML page
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900")
+
+
+def browser_or_skip() -> tuple[str, str]:
+    """Paths of chromium and chromedriver; skip naming the fix when absent, but fail under CI=true."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+        has_selenium = True
+    except ImportError:
+        has_selenium = False
+    missing = [what for what, ok in (("chromium", chromium), ("chromedriver", driver),
+                                     ("the selenium package", has_selenium)) if not ok]
+    if missing:
+        msg = (f"the leaderboard-page browser test needs {', '.join(missing)}: run `make system-deps` "
+               "(apt-get install chromium chromium-driver) and `make setup` (selenium is in requirements.lock)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + " [CI=true: a missing browser fails the run]")
+        pytest.skip(msg)
+    return chromium, driver
+
+
+def test_missing_browser_skips_but_fails_under_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs chromium, chromedriver.*make system-deps"):
+        browser_or_skip()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: a missing browser fails the run"):
+        browser_or_skip()
+
+
+def test_leaderboard_page_in_a_browser(board, tmp_path):
+    """Headless Chromium opens the page the server renders and sees the submitted row: description and score."""
+    chromium, chromedriver = browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    names, labels = board["names"], board["labels"]
+    masks = labels.copy()
+    masks[:, :, :96] = 0                               # part wrong: a score that is neither 0 nor 1
+    csv = write_submission(tmp_path / "dave.csv", names, masks)
+    desc = f"browser check {secrets.token_hex(3)}"
+    c = client(board, "dave")
+    sub = c.wait_for_score(c.submit(csv, desc, {}).id, timeout_s=20, poll_s=0.2)
+    assert sub.status == "scored" and 0.05 < sub.public_score < 0.95
+    score = f"{sub.public_score:.4f}"
+
+    opts = Options()
+    opts.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    # an explicit chromedriver: Selenium Manager has nothing to look up or download
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(f"{board['server'].url}/")
+        assert driver.title == f"Leaderboard {CID:06d}"
+        rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in driver.find_elements(By.CSS_SELECTOR, "table tr")]
+        mine = [r for r in rows if desc in r]
+        # dave's only submission is his best: one row in the ranking, one in "All submissions"
+        assert len(mine) == 2, rows
+        assert all(score in r and "user 00000004" in r for r in mine), mine
+        cell = driver.find_element(By.XPATH, f"//td[text()='{desc}']")
+        assert cell.is_displayed() and cell.size["width"] > 0
+        driver.save_screenshot(str(tmp_path / "leaderboard.png"))
+    finally:
+        driver.quit()
+    assert (tmp_path / "leaderboard.png").stat().st_size > 1000

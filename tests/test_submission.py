@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,116 @@ def test_leaderboard_client_imports_without_fastapi():
 
     code = "import sys, segpipe.leaderboard; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------- submit policy
+POLICY = {"nightly": "if_better", "demo": "always", "paused": "never"}
+
+
+def _params(tmp_path, **kw) -> SubmitParams:
+    return SubmitParams(**{"base_url": "http://127.0.0.1:9", "competition_id": 1, "policy": POLICY,
+                           "ledger": str(tmp_path / "ledger.json"), **kw})
+
+
+def _hist(*rows):
+    """History records: (submission_id, oof_miou, status)."""
+    return [{"submission_id": i, "oof_miou": oof, "status": st, "run": f"run-{i}"} for i, oof, st in rows]
+
+
+@pytest.mark.parametrize(
+    "kw, deployment, oof, history, submit, reason",
+    [
+        ({"mode": "dry-run"}, "demo", 0.9, [], False, r"<submit.mode=dry-run>"),
+        ({}, "staging", 0.9, [], False, r"deployment 'staging' is not in submit.policy \['demo', 'nightly', 'paused'\]"),
+        ({}, "paused", 0.9, [], False, r"never submits <submit.policy.paused=never>"),
+        ({}, "demo", None, _hist((1, 0.99, "scored")), True, r"always submits <submit.policy.demo=always>"),
+        ({}, None, 0.1, _hist((1, 0.99, "scored")), True, r"outside any deployment always submits"),
+        ({"manual_policy": "never"}, None, 0.9, [], False, r"never submits <submit.manual_policy=never>"),
+        ({}, "nightly", 0.5, [], True, r"OOF mIoU 0.5000: no earlier submission to beat"),
+        ({}, "nightly", None, [], False, r"has none to compare"),
+        ({}, "nightly", float("nan"), [], False, r"has none to compare"),
+        ({}, "nightly", 0.61, _hist((1, 0.5, "scored"), (2, 0.6, "pending")), True,
+         r"0.6100 beats the best submitted OOF mIoU 0.6000 \(submission 2, run run-2\)"),
+        ({}, "nightly", 0.6, _hist((1, 0.5, "scored"), (2, 0.6, "scored")), False,
+         r"0.6000 does not beat the best submitted OOF mIoU 0.6000 \(submission 2"),
+        # a submission the leaderboard failed (bad file) sets no bar; one with no OOF (by hand) neither
+        ({}, "nightly", 0.55, _hist((1, 0.5, "scored"), (2, 0.9, "failed"), (3, None, "scored")), True,
+         r"beats the best submitted OOF mIoU 0.5000 \(submission 1"),
+    ],
+    ids=["mode-dry-run", "unlisted", "never", "always", "manual", "manual-never", "first", "no-oof", "nan-oof",
+         "better", "equal", "failed-ignored"],
+)
+def test_policy_decides_which_runs_submit(tmp_path, kw, deployment, oof, history, submit, reason):
+    from pipelines.submit import decide
+
+    d = decide(_params(tmp_path, **kw), deployment, oof, history)
+    assert d.submit is submit
+    assert re.search(reason, d.reason), d.reason
+
+
+def test_policy_param_rejects_unknown_rules():
+    from segpipe.config import ParamsError, parse_section
+
+    raw = {"submit": {"base_url": "x", "competition_id": 1, "policy": {"nightly": "sometimes"}}}
+    with pytest.raises(ParamsError, match=r"submit.policy.nightly: .*'always', 'if_better' or 'never'"):
+        parse_section(raw, "submit", SubmitParams)
+
+
+def test_submit_stage_skips_by_policy_without_the_network(sub, tmp_path):
+    """nightly + if_better, an earlier better submission in the history: write + lint, say why, touch nothing."""
+    from pipelines.submit import HISTORY_NAME, run
+
+    _, names, masks = sub
+    infer = _infer_dir(tmp_path, names, masks)
+    params = _params(tmp_path)                                    # base_url: nothing listens on port 9
+    earlier = [{"leaderboard": "http://127.0.0.1:9|1", "run": "night-1", "submission_id": 4, "oof_miou": 0.7,
+                "public_score": 0.68, "status": "scored"},
+               {"leaderboard": "http://other:1|1", "run": "x", "submission_id": 9, "oof_miou": 0.1, "status": "scored"}]
+    (tmp_path / HISTORY_NAME).write_text(json.dumps(earlier))
+    result = run(params, DataParams(root="x", classes=TRASH_CLASSES), infer, tmp_path / "out", key=None,
+                 hyperparameters={}, oof_miou=0.65, deployment="nightly", run_name="night-2")
+    assert result.status == "dry-run" and result.submission_id is None and result.oof_miou == 0.65
+    assert "0.6500 does not beat the best submitted OOF mIoU 0.7000 (submission 4, run night-1)" in result.summary()
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["reason"] == result.reason and saved["status"] == "dry-run"
+    # the out dir carries this leaderboard's history (not the other one's); nothing was added or sent
+    assert json.loads((tmp_path / "out" / "history.json").read_text()) == earlier[:1]
+    assert json.loads((tmp_path / HISTORY_NAME).read_text()) == earlier
+    assert not (tmp_path / "ledger.json").exists()
+    lint_submission(result.csv, names, NC)
+
+    # the same run from a deployment the policy does not list: also a dry run, with its own reason
+    other = run(params, DataParams(root="x", classes=TRASH_CLASSES), infer, tmp_path / "out", key=None,
+                hyperparameters={}, oof_miou=0.99, deployment="adhoc")
+    assert other.status == "dry-run" and "deployment 'adhoc' is not in submit.policy" in other.reason
+
+
+def test_submit_stage_main_needs_no_key_when_policy_says_no(sub, tmp_path, monkeypatch):
+    from pipelines.submit import main
+
+    _, names, masks = sub
+    infer = _infer_dir(tmp_path, names, masks)
+    (infer / "metrics.json").write_text(json.dumps({"oof_miou": 0.42}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"root": "x", "classes": list(TRASH_CLASSES)},
+        "submit": {"mode": "submit", "base_url": "http://127.0.0.1:9", "competition_id": 1,
+                   "manual_policy": "never", "ledger": str(tmp_path / "ledger.json")},
+    }))
+    monkeypatch.delenv("SEGPIPE_LEADERBOARD_KEY", raising=False)
+    main(["--params", str(params), "--infer", str(infer), "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["status"] == "dry-run" and saved["oof_miou"] == 0.42
+    assert "<submit.manual_policy=never>" in saved["reason"]
+
+
+def test_real_params_policy():
+    """The shipped params: the nightly run submits only improvements, the demo always, other deployments never."""
+    from pipelines.submit import decide
+    from segpipe.config import load_params
+    from conftest import REPO
+
+    p = load_params("submit", SubmitParams, REPO / "params.yaml")
+    better, worse = _hist((1, 0.5, "scored")), _hist((1, 0.9, "scored"))
+    assert decide(p, "nightly", 0.6, better).submit and not decide(p, "nightly", 0.6, worse).submit
+    assert decide(p, "demo", 0.6, worse).submit and not decide(p, "someone-elses", 0.6, []).submit
