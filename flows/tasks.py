@@ -16,6 +16,7 @@ import pipelines.pseudo
 import pipelines.split
 import pipelines.submit
 import pipelines.validate
+from pipelines.train import CHECKPOINT_ENV
 from segpipe.config import FanoutParams
 from segpipe.gpu import lease
 from segpipe.storage import ArtifactStore, S3Config
@@ -76,7 +77,9 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
         tail: deque[str] = deque(maxlen=30)
-        proc = subprocess.Popen(cmd, env={**os.environ, **held.env}, stdout=subprocess.PIPE,
+        # every epoch's checkpoint is mirrored to S3: a task whose machine is lost resumes on another one
+        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:               # the stage's own log lines, streamed into the Prefect run log
             line = line.rstrip()
