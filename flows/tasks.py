@@ -16,7 +16,7 @@ import pipelines.pseudo
 import pipelines.split
 import pipelines.submit
 import pipelines.validate
-from pipelines.train import CHECKPOINT_ENV
+from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
 from segpipe.gpu import lease
 from segpipe.storage import ArtifactStore, S3Config
@@ -78,7 +78,8 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
         tail: deque[str] = deque(maxlen=30)
         # every epoch's checkpoint is mirrored to S3: a task whose machine is lost resumes on another one
-        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints"}
+        # and a member already trained on the same data, params and code is fetched, not trained again
+        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints", RESULT_ENV: "results"}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:               # the stage's own log lines, streamed into the Prefect run log

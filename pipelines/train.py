@@ -26,6 +26,23 @@ log = logging.getLogger("pipelines.train")
 
 # set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3 store
 CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
+# set (e.g. to `results`) by the flow's train task: finished members are stored under a content key and reused
+RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
+# the code that decides trained weights: part of the content key, so a code change retrains
+CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/losses.py",
+              "segpipe/datasets.py", "segpipe/metrics.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version() -> str:
+    h = hashlib.sha256()
+    for rel in CODE_FILES:
+        h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def content_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def samples_digest(samples: list) -> str:
+    """sha256 over every image and mask file a task reads, in order: a corrected label or photo changes it."""
+    h = hashlib.sha256()
+    for s in samples:
+        for path in (s.image, s.mask):
+            if path is not None:
+                h.update(s.file_name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()
+
+
 def resolved_config(params: TrainParams, model: str, seed: int, fold: int, classes: list[str], inputs: dict,
                     cfg: LoopConfig, class_weights: list[float] | None, n_train: int, n_val: int) -> dict:
     """Everything that decides the trained weights; saved in every checkpoint, and the resume/content key."""
@@ -59,7 +86,7 @@ def resolved_config(params: TrainParams, model: str, seed: int, fold: int, class
     return {"name": model, "model": params.models[model].model_dump(mode="json"), "seed": seed, "fold": fold,
             "classes": classes, "num_classes": len(classes), "input_size": params.input_size,
             "amp": params.amp, "channels_last": params.channels_last, "train": train, "loop": asdict(cfg), "class_weights": class_weights,
-            "inputs": inputs, "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
+            "inputs": inputs, "code": code_version(), "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
 
 
 class CheckpointMirror:
@@ -77,8 +104,7 @@ class CheckpointMirror:
         root = os.environ.get(CHECKPOINT_ENV)
         if not root:
             return None
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{digest}")
+        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
 
     def _keys(self) -> list[str]:
         return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
@@ -109,6 +135,45 @@ class CheckpointMirror:
     def clear(self) -> None:
         for key in self._keys():
             self.store.delete(key)
+
+
+class ResultCache:
+    """Finished members stored under `<prefix>/<task>/<content digest>/`: data hashes, every train param and the
+    code version. A task whose digest is there is served from the store instead of training again."""
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        self.store, self.prefix = store, prefix.strip("/")
+
+    @classmethod
+    def from_env(cls, key: str, config: dict) -> "ResultCache | None":
+        root = os.environ.get(RESULT_ENV)
+        if not root:
+            return None
+        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
+
+    def fetch(self, out_dir: Path) -> bool:
+        """Download a complete stored result into out_dir (atomically); False if there is none or it is damaged."""
+        keys = self.store.list(f"{self.prefix}/")
+        if f"{self.prefix}/DONE" not in keys:        # written last: a result without it is partial
+            return False
+        tmp = out_dir.with_name(f".{out_dir.name}.fetch")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.store.download_dir(self.prefix, tmp)
+        except CorruptArtifactError as e:
+            log.warning("%s; training again", e)
+            for k in keys:
+                self.store.delete(k)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        (tmp / "DONE").unlink()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return True
+
+    def store_result(self, out_dir: Path) -> None:
+        self.store.upload_dir(out_dir, self.prefix, overwrite=True)
+        self.store.put_bytes(b"", f"{self.prefix}/DONE", overwrite=True)
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:
@@ -144,10 +209,11 @@ def run(
         raise ValueError(f"fold {fold} not in the split (folds: {sorted(set(folds.values()))}); check train.folds")
     train_s = [s for s in train_all if folds[s.file_name] != fold]
     val_s = [s for s in train_all if folds[s.file_name] == fold]
-    inputs = {"index": _sha256(validate_dir / "index.json"), "folds": _sha256(split_dir / "folds.json")}
     if pseudo_dir is not None:
         # pseudo-labelled test images only ever join the training side, so validation stays honest
         train_s += load_pseudo_index(Path(pseudo_dir) / "index.json")
+    inputs = {"train": samples_digest(train_s), "val": samples_digest(val_s)}
+    if pseudo_dir is not None:
         inputs["pseudo"] = _sha256(Path(pseudo_dir) / "index.json")
 
     size = params.input_size
@@ -165,6 +231,12 @@ def run(
         weights = torch.tensor([by_name[c] for c in classes], dtype=torch.float32)
     resolved = resolved_config(params, model, seed, fold, classes, inputs, cfg,
                                None if weights is None else weights.tolist(), len(train_s), len(val_s))
+    cache = ResultCache.from_env(key, resolved)
+    if cache is not None and cache.fetch(out_dir):
+        m = json.loads((out_dir / "metrics.json").read_text())
+        print(f"train {key}: unchanged inputs, params and code; reused {cache.store.url(cache.prefix)} "
+              f"(best val mIoU {m['best_miou']:.4f})", flush=True)
+        return TrainResult(key, m["best_miou"], out_dir)
     tr_img, tr_mask = decode_all(train_s, size, threads)
     va_img, va_mask = decode_all(val_s, size, threads)
     torch.manual_seed(seed)
@@ -204,6 +276,8 @@ def run(
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
+    if cache is not None:
+        cache.store_result(out_dir)
     if mirror is not None:
         mirror.clear()
     where = "SWA average" if result.best_source == "swa" else f"epoch {result.best_epoch + 1}"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pipelines import split
-from pipelines.train import CHECKPOINT_ENV
+from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import SplitParams
 from segpipe.storage import ArtifactStore
 from test_training_chain import CLASSES, make_tiny
@@ -81,3 +81,47 @@ def test_killed_training_resumes_from_s3_with_the_same_result(tmp_path, s3_env):
         torch.testing.assert_close(a[k], b[k], msg=f"best.pt differs at {k}")
     assert store.list(f"{prefix}/") == []      # finished: the mirrored resume state is cleared
     assert (tmp_path / "run" / "unet_r18-s0-f0" / "dvclive" / "metrics.json").is_file()
+
+
+@pytest.mark.services
+def test_finished_member_is_reused_by_content_and_a_corrupt_copy_retrains(tmp_path, s3_env):
+    vdir = make_tiny(tmp_path)
+    split.run(SplitParams(n_folds=2, seed=0, group_by="batch"), vdir, tmp_path / "split")
+    params = _params(tmp_path / "params.yaml")
+    raw = yaml.safe_load(params.read_text())
+    raw["train"].update(epochs=1, ema=0.0, swa_start=1.0)
+    params.write_text(yaml.safe_dump(raw))
+    prefix = f"results-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), RESULT_ENV: prefix}
+
+    def train(out_root: str) -> str:
+        out = subprocess.run(_cmd(params, vdir, tmp_path / "split", tmp_path / out_root), env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    assert "unchanged inputs, params and code" not in train("first")
+    store = ArtifactStore(s3_env)
+    keys = store.list(f"{prefix}/")
+    assert any(k.endswith("/DONE") for k in keys) and any(k.endswith("/best.pt") for k in keys)
+
+    second = train("second")                      # same data, params and code: served from the store
+    assert "unchanged inputs, params and code; reused s3://" in second
+    a = (tmp_path / "first" / "unet_r18-s0-f0")
+    b = (tmp_path / "second" / "unet_r18-s0-f0")
+    assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()) == \
+        sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert (a / "best.pt").read_bytes() == (b / "best.pt").read_bytes()
+
+    best_key = next(k for k in keys if k.endswith("/best.pt"))   # flip bytes, keep the recorded checksum
+    head = store._client.head_object(Bucket=s3_env.bucket, Key=best_key)
+    data = bytearray(store._client.get_object(Bucket=s3_env.bucket, Key=best_key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    store._client.put_object(Bucket=s3_env.bucket, Key=best_key, Body=bytes(data), Metadata=head["Metadata"])
+    third = train("third")
+    assert "unchanged inputs, params and code" not in third      # detected by checksum, trained again
+    assert (tmp_path / "third" / "unet_r18-s0-f0" / "best.pt").is_file()
+
+    raw["train"]["lr"] = 0.001                    # a changed param: a different content key
+    params.write_text(yaml.safe_dump(raw))
+    assert "unchanged inputs, params and code" not in train("fourth")
