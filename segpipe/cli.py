@@ -1,4 +1,5 @@
-"""`segpipe`: `stack up|down|status` starts the local services; `leaderboard ...` is the leaderboard tool."""
+"""`segpipe`: `stack up|down|status` starts the local services; `leaderboard ...` is the leaderboard tool;
+`weights fetch|push` keeps pretrained encoder weights in the S3 store."""
 
 from __future__ import annotations
 
@@ -33,7 +34,30 @@ def _parser() -> argparse.ArgumentParser:
                                 "default s3 port + 1; each also uses port + 10000 for gRPC)")
             a.add_argument("--labels", help="hidden test labels for the leaderboard (default: data.hidden_labels)")
     sub.add_parser("leaderboard", help="the leaderboard client/server (segpipe leaderboard --help)", add_help=False)
+    w = sub.add_parser("weights", help="pretrained encoder weights kept in the S3 store (fetched once)")
+    w_sub = w.add_subparsers(dest="action", required=True)
+    f = w_sub.add_parser("fetch", help="download from the hub (needs internet) into the local cache and the store")
+    f.add_argument("encoder")
+    f.add_argument("--weights", default="imagenet")
+    pu = w_sub.add_parser("push", help="put a weights file obtained elsewhere into the store")
+    pu.add_argument("file")
+    pu.add_argument("encoder")
+    pu.add_argument("--weights", default="imagenet")
     return p
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from segpipe import weights     # lazy: imports torch and smp
+    try:
+        if args.action == "fetch":
+            path = weights.resolve(args.encoder, args.weights)
+            print(f"{args.encoder}/{args.weights}: {path}")
+        else:
+            print(f"{args.encoder}/{args.weights}: stored at {weights.push(args.file, args.encoder, args.weights)}")
+    except (weights.WeightsUnavailable, KeyError, StorageError, RuntimeError) as e:
+        print(f"segpipe weights {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return leaderboard.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "weights":
+        return _weights(args)
     try:
         if args.action == "up":
             services = args.only.split(",") if args.only else list(stack.SERVICES)
