@@ -177,18 +177,28 @@ class ResultCache:
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:
-    """Per-epoch metrics in dvclive's layout, so `dvc plots show` draws the learning curves."""
-    from dvclive import Live    # imported here: only the train stage needs it
-
-    with Live(str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for row in history:
-            live.log_metric("train_loss", row["train_loss"])
-            live.log_metric("val_miou", row["val_miou"])
-            live.log_metric("lr", row["lr"])
-            for name, iou in row.get("per_class_iou", {}).items():
-                if iou is not None:
-                    live.log_metric(f"iou/{name}", iou)
-            live.next_step()
+    """Per-epoch metrics in dvclive's file layout (plots/metrics/<name>.tsv + metrics.json), so `dvc plots show`
+    draws the learning curves. Written directly: dvclive's own Live() hooks into git and DVC experiments, and
+    raises in a repository with no commit yet; the files it would write are all DVC reads."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, row in enumerate(history):
+        values = {"train_loss": row["train_loss"], "val_miou": row["val_miou"], "lr": row["lr"],
+                  **{f"iou/{c}": v for c, v in row.get("per_class_iou", {}).items() if v is not None}}
+        for name, v in values.items():
+            series.setdefault(name, []).append((step, float(v)))
+    for name, points in series.items():
+        tsv = out / "plots" / "metrics" / f"{name}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        leaf = name.rsplit("/", 1)[-1]
+        tsv.write_text(f"step\t{leaf}\n" + "".join(f"{st}\t{v}\n" for st, v in points))
+    latest: dict = {"step": len(history) - 1}
+    for name, points in series.items():
+        node = latest
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = points[-1][1]
+    write_json(out / "metrics.json", latest)
 
 
 def run(
