@@ -275,10 +275,11 @@ def test_mask_png_layout_valid_and_corrupt(tmp_path):
     assert index["train"][0]["image"] == "images/0.png" and index["train"][0]["mask"] == "masks/0.png"
     Image.fromarray(np.full((32, 40), 57, np.uint8)).save(root / "masks" / "2.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "3.png")
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(root / "masks" / "0.png")   # a colour-coded mask
     with pytest.raises(DataValidationError) as info:
         validate_dataset(data, PARAMS)
-    assert {"mask_bad_values", "mask_size_mismatch"} <= info.value.codes
-    assert "masks/2.png has values 57" in str(info.value)
+    assert info.value.codes == {"mask_bad_values", "mask_size_mismatch", "mask_not_single_channel"}
+    assert "masks/2.png has values 57" in str(info.value) and "masks/0.png has mode RGB" in str(info.value)
     (root / "masks" / "1.png").unlink()
     with pytest.raises(LayoutError, match=r"image\(s\) without a mask \['1'\]"):
         validate_dataset(data, PARAMS)
