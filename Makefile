@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup stack-up stack-down stack-status deploy demo repro test test-fast lint clean
+.PHONY: setup stack-up stack-down stack-status deploy demo repro test test-fast bench-validate lint clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -42,6 +42,9 @@ test: setup                               ## unit + integration tests (real Seaw
 
 test-fast: setup                          ## skip the end-to-end runs
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow"
+
+bench-validate: setup                     ## time validation + EDA on competition-sized synthetic data (under /tmp)
+	$(BIN)/python -m scripts.bench_validate
 
 clean:
 	rm -rf runs artifacts
