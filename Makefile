@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast lint clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train lint clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -55,6 +55,12 @@ test: system-deps setup                   ## unit + integration tests (real Seaw
 
 test-fast: system-deps setup              ## skip the end-to-end runs
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow"
+
+bench-validate: setup                     ## time validation + EDA on competition-sized synthetic data (under /tmp)
+	$(BIN)/python -m scripts.bench_validate
+
+bench-train: setup                        ## training img/s: plain loop vs tuned loop vs segpipe's task (GPU if present)
+	$(BIN)/python scripts/bench_train.py
 
 clean:
 	rm -rf runs artifacts

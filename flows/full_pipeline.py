@@ -12,7 +12,9 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tasks
+from pipelines.validate import ValidateResult
 from segpipe.config import load_all
+from segpipe.eda import embed_images
 from segpipe.storage import ArtifactStore, S3Config
 
 
@@ -30,14 +32,16 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     rid = run_name or run_id()
     run_dir = Path("runs") / rid
     prefix = f"runs/{rid}"
-    ArtifactStore(S3Config.from_env()).check()     # bad credentials fail here, before any work
+    store = ArtifactStore(S3Config.from_env())
+    store.check()                                  # bad credentials fail here, before any work
 
     version = tasks.fetch(p["data"])
     log.info("run %s on data version %s; artifacts under %s", rid, version, prefix)
 
-    tasks.validate(p["data"], p["validate"], run_dir / "validate")
-    tasks.upload(run_dir / "validate", f"{prefix}/validate")
-    publish_markdown(run_dir / "validate" / "eda" / "report.md", "eda-report")
+    # a DataValidationError fails the flow here: validate never retries, nothing below it runs
+    validated = tasks.validate(p["data"], p["validate"], run_dir / "validate")
+    keys = tasks.upload(run_dir / "validate", f"{prefix}/validate")
+    publish_validate(validated, [store.url(k) for k in keys if k.startswith(f"{prefix}/validate/eda/")])
     tasks.split(p["split"], run_dir / "validate", run_dir / "split")
     tasks.upload(run_dir / "split", f"{prefix}/split")
 
@@ -73,6 +77,23 @@ def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, param
     for u in uploads:
         u.result()
     return [fut.result() for fut in futures]
+
+
+def publish_validate(v: ValidateResult, eda_urls: list[str]) -> None:
+    """The EDA report with its plots inlined (the UI cannot follow relative links), and the class, split and
+    great-expectations tables."""
+    report = v.out_dir / "eda" / "report.md"
+    plots = "\n".join(f"- `{u}`" for u in eda_urls if u.endswith(".png"))
+    create_markdown_artifact(embed_images(report.read_text(), report.parent)
+                             + f"\n## Plot files in the artifact store\n\n{plots}\n", key="eda-report",
+                             description="EDA of the validated training data")
+    create_table_artifact(v.class_stats, key="eda-class-stats",
+                          description="per class: pixel share, annotations, images, object sizes, loss weight")
+    create_table_artifact([{"split": k, "images": n} for k, n in v.split_counts.items()], key="eda-splits",
+                          description="images per split file")
+    create_table_artifact(v.gx_summary, key="validation-summary",
+                          description=f"great-expectations: {sum(r['success'] for r in v.gx_summary)} of "
+                                      f"{len(v.gx_summary)} expectations passed")
 
 
 def publish_markdown(path: Path, key: str) -> None:

@@ -33,7 +33,8 @@ def run(params: GenerateParams, data: DataParams) -> SynthSummary:
     try:
         summary = generate(tmp_root, tmp_hidden, n_train=params.n_train, n_test=params.n_test,
                            image_size=params.image_size, n_batches=params.n_batches,
-                           val_fraction=params.val_fraction, seed=params.seed, classes=data.classes)
+                           val_fraction=params.val_fraction, seed=params.seed, classes=data.classes,
+                           objects_per_image=params.objects_per_image)
         _swap_in(tmp_root, root)
         _swap_in(tmp_hidden, hidden)
     finally:

@@ -117,23 +117,27 @@ def class_map(
     return out
 
 
-def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """COCO polygon list / uncompressed RLE / compressed RLE -> (H, W) uint8 0/1 mask."""
+def segmentation_rle(segmentation, height: int, width: int) -> dict:
+    """COCO polygon list / uncompressed RLE / compressed RLE -> one compressed RLE (polygons merged)."""
     if isinstance(segmentation, list):
         rles = mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width)
-        rle = mask_utils.merge(rles) if len(rles) > 1 else rles[0]
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    return mask_utils.decode(rle)
+        return mask_utils.merge(rles) if len(rles) > 1 else rles[0]
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    rle = dict(segmentation)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    return rle
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """COCO polygon list / uncompressed RLE / compressed RLE -> (H, W) uint8 0/1 mask."""
+    return mask_utils.decode(segmentation_rle(segmentation, height, width))
 
 
 def segmentation_area(segmentation, height: int, width: int) -> int:
     """Pixel area after rasterisation (what the label PNG will hold)."""
-    return int(decode_segmentation(segmentation, height, width).sum())
+    return int(mask_utils.area(segmentation_rle(segmentation, height, width)))
 
 
 def rasterize(
@@ -158,18 +162,27 @@ def rasterize(
         value = cmap[ann["category_id"]]
         if value == 0:
             continue
-        m = decode_segmentation(ann["segmentation"], h, w).astype(bool)
+        rle = segmentation_rle(ann["segmentation"], h, w)
+        x, y, bw, bh = (int(v) for v in mask_utils.toBbox(rle))
+        if bw == 0 or bh == 0:
+            continue
+        # work inside the object's box: most objects cover a small part of the photo, and whole-frame array
+        # operations per annotation were 80% of the stage's time at the competition's size
+        box = (slice(y, y + bh), slice(x, x + bw))
+        m = mask_utils.decode(rle)[box].view(bool)
         if count is not None:
-            count += m
+            count[box] += m
         if value == ignore_index:
-            ignored |= m
-        elif overlap == "max":
-            np.maximum(label, np.where(m, value, 0).astype(np.uint8), out=label)
+            ignored[box] |= m
+            continue
+        lab = label[box]   # a view: writing into it writes into label
+        if overlap == "max":
+            np.maximum(lab, m * np.uint8(value), out=lab)
         elif overlap == "last":
-            label[m] = value
+            lab[m] = value
         else:  # first
-            label[m & ~covered] = value
-        covered |= m & (value != ignore_index)
+            lab[m & ~covered[box]] = value
+        covered[box] |= m
     label[ignored & (label == 0)] = ignore_index
     if with_overlap:
         return label, int((count > 1).sum())

@@ -41,6 +41,7 @@ class GenerateParams(Section):
     n_batches: int = Field(ge=1)   # batch_XX folders; folds group by them
     val_fraction: float = Field(gt=0, lt=1)
     seed: int = 0
+    objects_per_image: float = Field(gt=0, default=4.6)   # mean objects per photo; the competition's is ~7.9
 
 
 class ValidateParams(Section):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +26,17 @@ PALETTE = np.array([
 ], np.uint8)
 
 
+SIZE_BUCKETS = ("small", "medium", "large")
+IMAGE_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
 @dataclass
 class EdaResult:
     metrics: dict[str, float]        # flat numbers (also written to eda_metrics.json)
     class_weights: dict[str, float]  # class name -> loss weight (median-frequency balancing, clipped)
     report: Path
+    class_stats: list[dict]          # one row per class, as in class_stats.csv
+    split_counts: dict[str, int]     # images per split file
 
 
 def colour(i: int) -> np.ndarray:
@@ -63,8 +71,8 @@ def size_bucket(area: np.ndarray, image_area: np.ndarray) -> np.ndarray:
 def _md_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for idx, row in df.iterrows():
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.tolist()]
+    for idx, *row in df.itertuples():   # per-column types: counts stay integers (iterrows makes them floats)
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join([str(idx)] + cells) + " |")
     return "\n".join(lines)
 
@@ -113,9 +121,15 @@ def run_eda(
     per_class["annotations"] = [int((anns["class_index"] == i).sum()) for i in range(n_cls)]
     per_class["images_with"] = present.sum(0).astype(int)
     per_class["pixel_share"] = share
-    for b in ("small", "medium", "large"):
+    for b in SIZE_BUCKETS:
         per_class[b] = [int(((anns["class_index"] == i) & (anns["bucket"] == b)).sum()) for i in range(n_cls)]
     per_class["class_weight"] = weights
+    per_class.insert(0, "class_index", range(n_cls))
+    # plot data for `dvc plots` (dvc.yaml `plots:`): one row per class, and object sizes in long form
+    per_class.to_csv(out_dir / "class_stats.csv", float_format="%.6g")
+    sizes = per_class[list(SIZE_BUCKETS)].iloc[1:].rename_axis("class").reset_index()
+    sizes.melt(id_vars="class", var_name="size", value_name="annotations").to_csv(out_dir / "object_sizes.csv",
+                                                                                  index=False)
     anns_per_image = np.array([0] * len(train)) if not len(anns) else \
         pd.Series([r["image_id"] for r in train]).astype(str).map(anns.groupby("image_id").size()).fillna(0)\
         .astype(int).to_numpy()
@@ -196,7 +210,7 @@ def run_eda(
         metrics[f"class_weight/{name}"] = round(float(weights[i]), 4)
         if i:
             metrics[f"annotations/{name}"] = int(per_class.loc[name, "annotations"])
-            for b in ("small", "medium", "large"):
+            for b in SIZE_BUCKETS:
                 metrics[f"size_{b}/{name}"] = int(per_class.loc[name, b])
     class_weights = {name: round(float(weights[i]), 4) for i, name in enumerate(names)}
     (out_dir / "eda_metrics.json").write_text(json.dumps({**metrics, "class_weights": class_weights}, indent=1))
@@ -221,4 +235,27 @@ def run_eda(
         "## Worst cases\n\n![largest overlaps](largest_overlaps.png)\n\n![tiniest objects](tiniest_objects.png)",
         "## Warnings\n\n" + ("\n".join(f"- {w}" for w in warnings) or "none"),
     ]) + "\n")
-    return EdaResult(metrics, class_weights, report)
+    rows = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
+            for r in per_class.reset_index().to_dict("records")]
+    return EdaResult(metrics, class_weights, report, rows, {k: int(v) for k, v in split_counts.items()})
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def embed_images(markdown: str, base_dir: Path, max_bytes: int = 2_000_000) -> str:
+    """`markdown` with its relative image links replaced by base64 `data:` URIs, for viewers that get only the text.
+
+    A report's `![alt](plot.png)` resolves only next to the file; an orchestrator UI, a chat message or an e-mail
+    shows a broken image. Absolute URLs, missing files and images over `max_bytes` keep their link.
+    """
+    def inline(m: re.Match) -> str:
+        alt, target = m.group(1), m.group(2)
+        path = Path(base_dir) / target
+        mime = IMAGE_MIME.get(path.suffix.lower())
+        if "://" in target or target.startswith("data:") or mime is None or not path.is_file() \
+                or path.stat().st_size > max_bytes:
+            return m.group(0)
+        return f"![{alt}](data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+    return _IMAGE_LINK.sub(inline, markdown)

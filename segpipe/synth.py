@@ -41,6 +41,12 @@ STYLE = {
     10: ("cloth", (100, 170), (60, 200), (50, 200), 1.5),    # Clothing: large, striped fabric
 }
 SPLIT_CODE = {"train": 1, "test": 2}
+# Objects per photo: a hump over 1..8 (mean 385/84 ~ 4.58). `objects_per_image` rescales each draw after it is made,
+# so the random stream never depends on it; at the default 4.6 every count rounds back to itself (the demo data of
+# earlier versions, byte for byte); 7.9 gives the competition's ~26k annotations on 3.3k photos.
+OBJECT_COUNTS = np.arange(1, 9)
+OBJECT_COUNT_P = np.array([6, 10, 12, 13, 13, 12, 10, 8]) / 84.0
+BASE_OBJECTS_PER_IMAGE = float(OBJECT_COUNTS @ OBJECT_COUNT_P)
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,15 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     return tex
 
 
-def _render(args: tuple[int, int, int, int]) -> tuple[bytes, list[dict]]:
+def _render(args: tuple[int, int, int, int, float]) -> tuple[bytes, list[dict]]:
     """One image: JPEG bytes and its annotations (category_id, segmentation polygons, iscrowd flag)."""
-    seed, split_code, index, size = args[0], args[1], args[2], args[3]
+    seed, split_code, index, size, objects_per_image = args
     rng = np.random.default_rng([seed, split_code, index])
     tint = rng.uniform(60, 170, 3).astype(np.float32)
     img = _background(rng, size, tint)
-    n_obj = int(rng.choice(np.arange(1, 9), p=np.array([6, 10, 12, 13, 13, 12, 10, 8]) / 84.0))
+    n_obj = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_P))
+    # rescale after the draw: the random stream (and so the default data) does not depend on the knob
+    n_obj = max(1, round(n_obj * objects_per_image / BASE_OBJECTS_PER_IMAGE))
     objs = []
     for _ in range(n_obj):
         cls = int(rng.choice(np.arange(1, 11), p=CLASS_FREQ))
@@ -203,9 +211,13 @@ def _file_names(n: int, first_batch: int, per_batch: int) -> list[str]:
 
 def generate(
     out_dir: Path, hidden_dir: Path, *, n_train: int, n_test: int, image_size: int, n_batches: int,
-    val_fraction: float, seed: int, classes: tuple[str, ...] | list[str], workers: int | None = None,
+    val_fraction: float, seed: int, classes: tuple[str, ...] | list[str], objects_per_image: float = 4.6,
+    workers: int | None = None,
 ) -> SynthSummary:
-    """Write train_all/train/val/test.json + batch folders to out_dir and the test labels to hidden_dir."""
+    """Write train_all/train/val/test.json + batch folders to out_dir and the test labels to hidden_dir.
+
+    objects_per_image: mean objects drawn per photo (a few fall below 3 distinct pixels and are dropped).
+    """
     if len(classes) != 11:
         raise ValueError(f"the synthetic dataset has 10 trash classes + background; got {len(classes)} classes")
     out_dir, hidden_dir = Path(out_dir), Path(hidden_dir)
@@ -214,7 +226,10 @@ def generate(
     categories = [{"id": i, "name": name, "supercategory": name} for i, name in enumerate(classes) if i > 0]
     per_batch = math.ceil(n_train / n_batches)
     names = {"train": _file_names(n_train, 1, per_batch), "test": _file_names(n_test, n_batches + 1, per_batch)}
-    jobs = [(seed, SPLIT_CODE[s], i, image_size) for s in ("train", "test") for i in range(len(names[s]))]
+    if objects_per_image <= 0:
+        raise ValueError(f"generate.objects_per_image must be > 0, got {objects_per_image}")
+    jobs = [(seed, SPLIT_CODE[s], i, image_size, objects_per_image) for s in ("train", "test")
+            for i in range(len(names[s]))]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) >= 64:  # per-image seeds: identical output for any worker count
         with get_context("fork").Pool(workers) as pool:

@@ -77,6 +77,14 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
                      "infer/report.json", "submit/submission.csv", "submit/result.json"):
             assert f"{summary['artifacts']}/{part}" in keys, f"{part} missing from S3"
 
+        # the validate stage's EDA is in the Prefect UI: the report with its plots inlined, and its tables
+        arts = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
+            "key": {"any_": ["eda-report", "eda-class-stats", "eda-splits", "validation-summary"]}}}).json()
+        assert {a["key"]: a["type"] for a in arts} == {"eda-report": "markdown", "eda-class-stats": "table",
+                                                      "eda-splits": "table", "validation-summary": "table"}
+        report = next(a["data"] for a in arts if a["key"] == "eda-report")
+        assert report.count("](data:image/png;base64,") == 6 and f"{summary['artifacts']}/validate/eda/" in report
+
         # the leaderboard holds the submission with the same public score
         lb = requests.get(f"http://127.0.0.1:{ports['leaderboard']}/api/v1/competition/1/submissions/",
                           headers={"Authorization": f"Bearer {env['SEGPIPE_LEADERBOARD_KEY']}"}, timeout=10).json()

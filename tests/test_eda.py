@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 import pipelines.validate as stage
 from segpipe.config import TRASH_CLASSES, DataParams, ValidateParams
-from segpipe.eda import median_frequency_weights, size_bucket
+from segpipe.eda import embed_images, median_frequency_weights, size_bucket
 
 
 def rect(x0, y0, x1, y1) -> list[list[float]]:
@@ -44,7 +47,7 @@ def eda_out(tmp_path_factory) -> Path:
 
 def test_outputs_exist(eda_out):
     for name in ("report.md", "eda_metrics.json", "pixel_share.png", "cooccurrence.png", "object_sizes.png",
-                 "samples.png", "largest_overlaps.png", "tiniest_objects.png"):
+                 "samples.png", "largest_overlaps.png", "tiniest_objects.png", "class_stats.csv", "object_sizes.csv"):
         assert (eda_out / "eda" / name).stat().st_size > 0, name
     report = (eda_out / "eda" / "report.md").read_text()
     assert "| Paper | 2 | 2 |" in report and "![samples](samples.png)" in report and "test.json not found" in report
@@ -80,3 +83,31 @@ def test_cooccurrence_and_helpers(eda_out):
     assert list(size_bucket(np.array([10.0, 100, 5000]), np.array([4096.0] * 3))) == ["small", "medium", "large"]
     w = median_frequency_weights(np.array([[90, 10, 0], [100, 0, 0]]))
     assert w[2] == 10.0 and w[0] < w[1]
+
+
+def test_plot_tables_match_hand_count(eda_out):
+    """class_stats.csv / object_sizes.csv: what `dvc plots` draws (dvc.yaml `plots:`)."""
+    stats = pd.read_csv(eda_out / "eda" / "class_stats.csv", index_col="class")
+    assert list(stats.index) == list(TRASH_CLASSES) and list(stats["class_index"]) == list(range(11))
+    paper, bag = stats.loc["Paper"], stats.loc["Plastic bag"]
+    assert (paper["annotations"], paper["images_with"], paper["medium"], paper["large"]) == (2, 2, 1, 1)
+    assert paper["pixel_share"] == pytest.approx(275 / (2 * 64 * 64), rel=1e-5)
+    assert (bag["annotations"], bag["images_with"], stats.loc["Battery", "annotations"]) == (1, 1, 0)
+    sizes = pd.read_csv(eda_out / "eda" / "object_sizes.csv")
+    assert list(sizes.columns) == ["class", "size", "annotations"] and len(sizes) == 10 * 3   # no Background
+    assert sizes.set_index(["class", "size"]).loc[("Paper", "large"), "annotations"] == 1
+    assert sizes["annotations"].sum() == 3
+    report = (eda_out / "eda" / "report.md").read_text()
+    assert "| Paper | 2 | 2 | 2 |" in report       # counts print as integers (class index, annotations, images)
+
+
+def test_embed_images_inlines_local_plots_only(eda_out):
+    eda = eda_out / "eda"
+    text = (eda / "report.md").read_text() + "\n![remote](https://example.com/x.png)\n![gone](missing.png)\n"
+    out = embed_images(text, eda)
+    uris = dict(re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", out))
+    assert set(uris) == {"pixel share", "co-occurrence", "object sizes", "samples", "largest overlaps",
+                         "tiniest objects"}
+    assert base64.b64decode(uris["samples"]) == (eda / "samples.png").read_bytes()
+    assert "](https://example.com/x.png)" in out and "](missing.png)" in out and "](samples.png)" not in out
+    assert embed_images(text, eda, max_bytes=10) == text

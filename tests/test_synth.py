@@ -12,7 +12,7 @@ import pytest
 
 from segpipe.coco import class_map, load_coco, rasterize
 from segpipe.config import TRASH_CLASSES
-from segpipe.synth import generate
+from segpipe.synth import BASE_OBJECTS_PER_IMAGE, generate
 
 KW = dict(n_train=40, n_test=10, image_size=64, n_batches=4, val_fraction=0.25, classes=TRASH_CLASSES)
 
@@ -37,6 +37,18 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a = tree_hash(tmp_path / "a")
     assert len(a) == 70 + 4 + 3 and a == tree_hash(tmp_path / "b")   # per-image seeds: any worker count
     assert a["data/train_all.json"] != tree_hash(tmp_path / "c")["data/train_all.json"]
+
+
+def test_objects_per_image_scales_annotations_and_default_is_the_unscaled_draw(synth, tmp_path):
+    data, _ = synth
+    # the default 4.6 rounds every draw back to itself: identical bytes to the exact base mean
+    generate(tmp_path / "base" / "data", tmp_path / "base" / "hidden", seed=0, objects_per_image=BASE_OBJECTS_PER_IMAGE,
+             **KW)
+    assert tree_hash(tmp_path / "base" / "data") == tree_hash(data)
+    generate(tmp_path / "dense" / "data", tmp_path / "dense" / "hidden", seed=0, objects_per_image=7.9, **KW)
+    n = {k: len(json.loads((root / "train_all.json").read_text())["annotations"])
+         for k, root in (("default", data), ("dense", tmp_path / "dense" / "data"))}
+    assert 1.5 < n["dense"] / n["default"] < 1.95, n     # 7.9 / 4.58 = 1.72, minus objects too small to keep
 
 
 def test_competition_layout(synth):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from segpipe.coco import CocoFormatError, DataError, LayoutError
+from segpipe.coco import CocoFormatError, DataError, LayoutError, load_coco, rasterize
 from segpipe.config import TRASH_CLASSES, DataParams, ValidateParams
 from segpipe.synth import generate
 from segpipe.validation import DataValidationError, validate_coco, validate_dataset
@@ -57,9 +57,14 @@ def truncate(root: Path) -> None:
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
 
 
-def to_gray(root: Path) -> None:
-    p = root / "batch_01_vt/0003.jpg"
-    Image.open(p).convert("L").save(p)
+def to_mode(root: Path, mode: str) -> str:
+    """Re-save image 2 in `mode` (RGBA as PNG: JPEG has no alpha) and point the JSON at it."""
+    src = root / "batch_01_vt/0003.jpg"
+    name = "batch_01_vt/0003.jpg" if mode == "L" else "batch_01_vt/0003.png"
+    Image.open(src).convert(mode).save(root / name)
+    for split in ("train_all.json", "train.json", "val.json"):   # the split files list image 2 by file_name too
+        edit(root, lambda d: [im.update(file_name=name) for im in d["images"] if im["id"] == 2], split)
+    return name
 
 
 # (id, mutation(root), exception, problem code or None, substring naming the record)
@@ -136,11 +141,12 @@ def _params_file(data: Path, tmp_path: Path) -> Path:
     return tmp_path / "params.yaml"
 
 
-def test_grayscale_convert_warns_or_fails(data):
-    to_gray(data)
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_or_rgba_convert_warns_or_fails(data, mode):
+    name = to_mode(data, mode)
     res = validate_coco(data, TRASH_CLASSES, PARAMS)
-    assert any("batch_01_vt/0003.jpg: mode L is converted" in w for w in res.warnings)
-    with pytest.raises(DataValidationError, match=r"\[grayscale_image\].*image 2 \(batch_01_vt/0003.jpg\)"):
+    assert any(f"{name}: mode {mode} is converted" in w for w in res.warnings) and res.gx["success"]
+    with pytest.raises(DataValidationError, match=rf"\[grayscale_image\].*image 2 \({name}\).*mode {mode}"):
         validate_coco(data, TRASH_CLASSES, PARAMS.model_copy(update={"grayscale": "fail"}))
 
 
@@ -170,10 +176,24 @@ def test_cli_exits_nonzero_and_writes_nothing(data, tmp_path):
     assert not out.exists()
 
 
+RLE_BOX = (slice(40, 50), slice(3, 13))   # rows, cols of the uncompressed-RLE Battery added to image 1
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: run lengths of the column-major mask, starting with a run of zeros."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + runs}
+
+
 def _unusual(root: Path) -> None:
-    """Multi-polygon, non-square image, unused UNKNOWN category (RLE crowd annotations come from the generator)."""
+    """Multi-polygon, non-square image, unused UNKNOWN category, an uncompressed RLE, category ids that are neither
+    contiguous nor the class indices, categories listed out of order (compressed-RLE crowds come from the generator)."""
     p = root / "batch_01_vt/0001.jpg"
     Image.open(p).resize((80, 48)).save(p, quality=90)
+    box = np.zeros((64, 64), np.uint8)
+    box[RLE_BOX] = 1
 
     def fix(d):
         d["images"][0].update(width=80, height=48)
@@ -181,11 +201,19 @@ def _unusual(root: Path) -> None:
         d["annotations"].append({"id": 10_000, "image_id": 0, "category_id": 10, "iscrowd": 0, "area": 150.0,
                                  "bbox": [0, 0, 80, 48], "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10],
                                                                           [70, 38, 80, 38, 80, 43, 70, 43]]})
+        d["annotations"].append({"id": 10_001, "image_id": 1, "category_id": 9, "iscrowd": 1, "area": 100.0,
+                                 "bbox": [3, 40, 10, 10], "segmentation": _uncompressed_rle(box)})
         d["categories"].append({"id": 11, "name": "UNKNOWN", "supercategory": "UNKNOWN"})
+        new_id = {c["id"]: 1000 - 37 * c["id"] for c in d["categories"]}   # 963, 926, ...: classes map by name
+        for c in d["categories"]:
+            c["id"] = new_id[c["id"]]
+        d["categories"].reverse()
+        for a in d["annotations"]:
+            a["category_id"] = new_id[a["category_id"]]
     edit(root, fix)
 
 
-def test_unusual_but_valid_inputs_pass_and_stage_writes_contract(data, tmp_path):
+def test_unusual_but_valid_inputs_pass_and_stage_writes_contract(clean, data, tmp_path):
     _unusual(data)
     res = validate_coco(data, TRASH_CLASSES, PARAMS)
     assert (res.annotations["kind"] == "rle").any() and res.gx["success"]
@@ -199,6 +227,14 @@ def test_unusual_but_valid_inputs_pass_and_stage_writes_contract(data, tmp_path)
     assert first["batch"] == "batch_01_vt" and first["classes"] == [0, 10]
     mask = np.asarray(Image.open(out / first["mask"]))
     assert mask.shape == (48, 80) and (mask == 10).sum() == 150
+    # the other masks are exactly the clean data's, rasterised with its contiguous ids (= class indices)
+    ref = load_coco(clean / "train_all.json")
+    identity = {c["id"]: c["id"] for c in ref.categories}
+    for row in index["train"][1:]:
+        expected = rasterize(ref, row["image_id"], identity, "max")
+        if row["image_id"] == 1:   # plus the RLE Battery under the `max` overlap rule
+            expected[RLE_BOX] = np.maximum(expected[RLE_BOX], 9)
+        assert np.array_equal(np.asarray(Image.open(out / row["mask"])), expected), row["file_name"]
     assert index["test"][0] == {"file_name": "batch_03_vt/0001.jpg", "image": "batch_03_vt/0001.jpg"}
     gx = json.loads((out / "gx_results.json").read_text())
     assert set(gx["suites"]) == {"images", "train_images", "annotations", "polygons"} and gx["success"]
@@ -239,10 +275,11 @@ def test_mask_png_layout_valid_and_corrupt(tmp_path):
     assert index["train"][0]["image"] == "images/0.png" and index["train"][0]["mask"] == "masks/0.png"
     Image.fromarray(np.full((32, 40), 57, np.uint8)).save(root / "masks" / "2.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "3.png")
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(root / "masks" / "0.png")   # a colour-coded mask
     with pytest.raises(DataValidationError) as info:
         validate_dataset(data, PARAMS)
-    assert {"mask_bad_values", "mask_size_mismatch"} <= info.value.codes
-    assert "masks/2.png has values 57" in str(info.value)
+    assert info.value.codes == {"mask_bad_values", "mask_size_mismatch", "mask_not_single_channel"}
+    assert "masks/2.png has values 57" in str(info.value) and "masks/0.png has mode RGB" in str(info.value)
     (root / "masks" / "1.png").unlink()
     with pytest.raises(LayoutError, match=r"image\(s\) without a mask \['1'\]"):
         validate_dataset(data, PARAMS)
