@@ -201,9 +201,17 @@ def write_dvclive(history: list[dict], out: Path) -> None:
     write_json(out / "metrics.json", latest)
 
 
+def write_curve(history: list[dict], path: Path) -> None:
+    """One TSV per member (step, train_loss, val_miou, lr): the learning curve `dvc plots show` draws."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{i}\t{r['train_loss']}\t{r['val_miou']}\t{r['lr']}\n" for i, r in enumerate(history))
+    path.write_text("step\ttrain_loss\tval_miou\tlr\n" + rows)
+
+
 def run(
     data: DataParams, params: TrainParams, model: str, seed: int, fold: int, validate_dir: Path, split_dir: Path,
     out_dir: Path, *, epochs: int | None = None, pseudo_dir: Path | None = None, resume_dir: Path | None = None,
+    curve: Path | None = None,
 ) -> TrainResult:
     """Train `model` on every fold but `fold` (+ pseudo-labelled test images if given); validate on `fold`."""
     if model not in params.models:
@@ -246,6 +254,8 @@ def run(
         m = json.loads((out_dir / "metrics.json").read_text())
         print(f"train {key}: unchanged inputs, params and code; reused {cache.store.url(cache.prefix)} "
               f"(best val mIoU {m['best_miou']:.4f})", flush=True)
+        if curve is not None:
+            write_curve(json.loads((out_dir / "history.json").read_text()), Path(curve))
         return TrainResult(key, m["best_miou"], out_dir)
     tr_img, tr_mask = decode_all(train_s, size, threads)
     va_img, va_mask = decode_all(val_s, size, threads)
@@ -283,6 +293,8 @@ def run(
         "img_per_s": result.images_per_second, "resumed_from_epoch": result.resumed_from})
     write_json(tmp / "history.json", result.history)
     write_dvclive(result.history, tmp / "dvclive")
+    if curve is not None:
+        write_curve(result.history, Path(curve))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
@@ -304,12 +316,14 @@ def main(round_: int = 0) -> None:
     p.add_argument("--split", type=Path, default=Path("artifacts/split"))
     p.add_argument("--pseudo", type=Path, default=Path("artifacts/pseudo") if round_ else None)
     p.add_argument("--out-root", type=Path, default=Path("artifacts/retrain" if round_ else "artifacts/train"))
+    p.add_argument("--curve", type=Path, help="also write the learning curve TSV here (dvc.yaml's plots)")
     a = p.parse_args()
     raw = read_params(a.params)
     data, params = parse_section(raw, "data", DataParams), parse_section(raw, "train", TrainParams)
     epochs = parse_section(raw, "retrain", RetrainParams).epochs if round_ else None
     run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split,
-                         a.out_root / task_key(a.model, a.seed, a.fold), epochs=epochs, pseudo_dir=a.pseudo))
+                         a.out_root / task_key(a.model, a.seed, a.fold), epochs=epochs, pseudo_dir=a.pseudo,
+                         curve=a.curve))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def test_dvc_repro_runs_chain_then_nothing_then_only_dependants(tmp_path):
     assert json.loads((project / "artifacts/submit/result.json").read_text())["status"] == "dry-run"
     assert "ensemble_oof_miou" in json.loads((project / "artifacts/infer/report.json").read_text())
 
+    # learning curves of every member, through DVC's own plots machinery
+    shown = json.loads(dvc(project, "plots", "show", "--json"))
+    curves = [k for k in shown["data"] if "artifacts/curves/" in k]
+    assert len(curves) == 4, sorted(shown["data"])
+    assert "artifacts/curves/train/fpn_mbv2-s0-f0.tsv" in " ".join(curves)
+
     # a second repro re-runs nothing
     again = dvc(project, "repro")
     assert "Running stage" not in again
