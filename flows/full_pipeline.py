@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -44,6 +45,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     publish_validate(validated, [store.url(k) for k in keys if k.startswith(f"{prefix}/validate/eda/")])
     tasks.split(p["split"], run_dir / "validate", run_dir / "split")
     tasks.upload(run_dir / "split", f"{prefix}/split")
+    publish_markdown(run_dir / "split" / "report.md", "fold-split")
 
     matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
     trained = fan_out("train", matrix, run_dir, params_file, p["fanout"], prefix)
@@ -74,8 +76,12 @@ def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, param
     futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout) for m, s, f in matrix]
     # each member uploads as soon as it finishes, while the others still train
     uploads = [tasks.upload.submit(fut, f"{prefix}/{stage}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]
-    for u in uploads:
-        u.result()
+    wait(uploads)      # one member failing (say, out of memory) must not cut the others short
+    failed = [f"{m}-s{s}-f{f}" for u, (m, s, f) in zip(uploads, matrix) if not u.state.is_completed()]
+    if failed:
+        raise RuntimeError(f"{stage}: {len(failed)} of {len(matrix)} members failed ({', '.join(failed)}); the others "
+                           "finished and are stored. See each failed task's log for the cause; a retry of this "
+                           "flow run reuses the finished members")
     return [fut.result() for fut in futures]
 
 
@@ -131,7 +137,9 @@ def publish_members(outs: list[Path], key: str) -> None:
     rows = []
     for out in outs:
         m = json.loads((out / "metrics.json").read_text())
-        rows.append({"member": m["key"], "best_val_miou": round(m["best_miou"], 4), "best_epoch": m["best_epoch"] + 1,
+        rows.append({"member": m["key"], "best_val_miou": round(m["best_miou"], 4),
+                     "kept": m.get("best_source", "epoch") if m["best_epoch"] < 0 else f"epoch {m['best_epoch'] + 1}",
+                     "swa_miou": None if m.get("swa_miou") is None else round(m["swa_miou"], 4),
                      **{c: (None if v is None else round(v, 3)) for c, v in m["per_class_iou"].items()}})
     create_table_artifact(rows, key=key, description="per-fold validation mIoU and per-class IoU")
 

@@ -169,6 +169,11 @@ def update_bn(model: nn.Module, loader: DataLoader, device: torch.device, channe
     model.train(was_training)
 
 
+def _is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError when host memory runs out."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
 def _unwrap(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AveragedModel's state dict -> the plain model's (drop `module.` and the n_averaged counter)."""
     return {k.removeprefix("module."): v for k, v in sd.items() if k != "n_averaged"}
@@ -263,7 +268,9 @@ def train_model(
                     sched.step()
                     if ema is not None:
                         ema.update_parameters(model)
-            except torch.OutOfMemoryError as e:
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _is_oom(e):
+                    raise
                 raise TrainingOOM(
                     f"out of device memory at batch size {cfg.batch_size}: lower train.batch_size "
                     f"(try {max(1, cfg.batch_size // 2)}, with train.grad_accum: {cfg.grad_accum * 2} to keep "

@@ -138,3 +138,25 @@ def test_resume_is_exact_with_ema_and_swa(tmp_path):
     b = torch.load(tmp_path / "part" / "best.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=f"best.pt differs at {k}")
+
+
+class _Exhausts(torch.nn.Module):
+    """Fails its forward the way a device out of memory does (torch raises OutOfMemoryError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_batch_size_to_lower(tmp_path):
+    imgs, masks = toy()
+    cfg = LoopConfig(epochs=1, batch_size=8, lr=0.01, weight_decay=0, warmup_epochs=0, amp=False,
+                     channels_last=False, num_workers=0, seed=0)
+    from segpipe.engine import TrainingOOM
+    with pytest.raises(TrainingOOM, match=r"batch size 8: lower train.batch_size \(try 4, with train.grad_accum: 2"):
+        train_model(_Exhausts(), SegLoss("ce", 255), ArrayDataset(imgs, masks), imgs, masks, cfg, ["bg", "fg"], 255,
+                    tmp_path, {})
+    assert not (tmp_path / "last.pt").exists()      # nothing half-written
