@@ -21,6 +21,6 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 WORKDIR /home/segpipe/project
-COPY --chown=segpipe:segpipe . .
-USER segpipe
+COPY --chown=1000:1000 . .
+USER 1000:1000
 CMD ["prefect", "worker", "start", "--pool", "segpipe"]
