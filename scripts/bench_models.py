@@ -161,9 +161,9 @@ def short_budget_miou(spec: ModelSpec, size: int, epochs: int, work: Path, datas
     from pipelines import train
     vdir, sdir, data = dataset
     base = load_params("train", TrainParams, ROOT / "params.yaml")
-    params = base.model_copy(update={
-        "models": {"m": spec}, "seeds": (0,), "folds": (0,), "epochs": epochs, "input_size": size,
-        "threads": torch.get_num_threads(), "num_workers": min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0})
+    workers = min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0
+    params = base.model_copy(update={"models": {"m": spec}, "seeds": (0,), "folds": (0,), "epochs": epochs,
+                                     "input_size": size, "threads": torch.get_num_threads(), "num_workers": workers})
     out = work / "train" / spec.arch
     t0 = time.perf_counter()
     r = train.run(data, params, "m", 0, 0, vdir, sdir, out)
@@ -187,7 +187,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4 if gpu else 2)
     ap.add_argument("--no-miou", action="store_true", help="skip the end-to-end training runs")
     ap.add_argument("--out", type=Path, help="also write the markdown table here (and the raw numbers beside it)")
+    ap.add_argument("--render", type=Path, help="print the table of an earlier run's .json and exit")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        print(render(saved["meta"], saved["results"]))
+        return
     rows = ROWS if not args.only else [r for r in ROWS if r.name in args.only.split(",")]
     if not rows:
         raise SystemExit(f"no rows match --only {args.only}; rows: {[r.name for r in ROWS]}")
@@ -223,22 +228,31 @@ def main() -> None:
 
     budget = (f"{args.images} synthetic images (fold 0 of 2 validated), {args.train_size} px, {args.epochs} epochs"
               if not args.no_miou else "skipped")
-    lines = [f"Machine: {machine}; torch {torch.__version__}. Speed at {args.size} px, batch {args.batch}, "
-             f"{precision}; GFLOPs per 512x512 image; mIoU budget: {budget}.", "",
-             f"| model | arch | encoder | params (M) | GFLOPs @512 | train img/s @{args.size} | "
-             f"infer img/s @{args.size} | peak GPU GiB | mIoU | train s | notes |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        notes = "; ".join(n for n in (r["note"], r.get("speed_note", ""), r.get("miou_note", "")) if n)
-        lines.append(f"| {r['name']} | {r['arch']} | {r['encoder']} | {r['params_m']:.1f} | {fmt(r['gflops'])} | "
-                     f"{fmt(r['train_img_s'], 2)} | {fmt(r['infer_img_s'], 2)} | {fmt(r['peak_gib'], 2)} | "
-                     f"{fmt(r.get('miou'), 4)} | {fmt(r.get('train_s'), 0)} | {notes} |")
-    table = "\n".join(lines)
+    meta = {"machine": machine, "torch": torch.__version__, "size": args.size, "batch": args.batch,
+            "precision": precision, "budget": budget}
+    table = render(meta, results)
     print("\n" + table)
     if args.out:
         args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
+
+def render(meta: dict, results: list[dict]) -> str:
+    """The markdown table; speeds also as a ratio to the first row (unet_r34 by default) of the same run."""
+    base = results[0]
+    size = meta["size"]
+    lines = [f"Machine: {meta['machine']}; torch {meta['torch']}. Speed at {size} px, batch {meta['batch']}, "
+             f"{meta['precision']}; GFLOPs per 512x512 image; mIoU budget: {meta['budget']}.", "",
+             f"| model | arch | encoder | params (M) | GFLOPs @512 | train img/s @{size} | vs {base['name']} | "
+             f"infer img/s @{size} | vs {base['name']} | peak GPU GiB | mIoU | train s | notes |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        notes = "; ".join(n for n in (r["note"], r.get("speed_note", ""), r.get("miou_note", "")) if n)
+        lines.append(f"| {r['name']} | {r['arch']} | {r['encoder']} | {r['params_m']:.1f} | {fmt(r['gflops'])} | "
+                     f"{fmt(r['train_img_s'], 2)} | {r['train_img_s'] / base['train_img_s']:.2f}x | "
+                     f"{fmt(r['infer_img_s'], 2)} | {r['infer_img_s'] / base['infer_img_s']:.2f}x | "
+                     f"{fmt(r['peak_gib'], 2)} | {fmt(r.get('miou'), 4)} | {fmt(r.get('train_s'), 0)} | {notes} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
