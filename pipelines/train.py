@@ -18,7 +18,7 @@ from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
-from segpipe.models import build_model
+from segpipe.models import build_from_spec
 from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config
 
 
@@ -29,8 +29,8 @@ CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
 # set (e.g. to `results`) by the flow's train task: finished members are stored under a content key and reused
 RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
 # the code that decides trained weights: part of the content key, so a code change retrains
-CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/losses.py",
-              "segpipe/datasets.py", "segpipe/metrics.py")
+CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
+              "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -260,8 +260,9 @@ def run(
     tr_img, tr_mask = decode_all(train_s, size, threads)
     va_img, va_mask = decode_all(val_s, size, threads)
     torch.manual_seed(seed)
-    net = build_model(spec.arch, spec.encoder, len(classes), spec.encoder_weights)
-    loss = SegLoss(params.loss, data.ignore_index, weights, params.label_smoothing, params.focal_gamma)
+    net = build_from_spec(spec, len(classes))
+    loss = SegLoss(params.loss, data.ignore_index, weights, params.label_smoothing, params.focal_gamma,
+                   side_weight=spec.side_weight, aux_weight=spec.aux_weight)
     resume_dir = Path(resume_dir) if resume_dir else out_dir.parent / ".resume" / out_dir.name
     resume_dir.mkdir(parents=True, exist_ok=True)
     mirror = CheckpointMirror.from_env(key, resolved)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -58,9 +58,26 @@ class SplitParams(Section):
 
 
 class ModelSpec(Section):
+    """One model of the zoo; its dump in a checkpoint's resolved config is all segpipe.ensemble needs to rebuild it."""
+
     arch: str                       # a name in segpipe.models.ARCHITECTURES
-    encoder: str                    # an smp encoder name
+    encoder: str                    # an smp encoder (or `tu-<timm name>`); resnet50/101 for fcn; vgg16_bn for segnet
     encoder_weights: str | None = None   # "imagenet" when available (see README); None for tests/offline
+    # image-level "which classes are present" head (smp aux_params, U-Net 3+'s CGM), trained with BCE at this
+    # weight beside the segmentation loss; 0 = no head
+    aux_weight: float = Field(ge=0, default=0.0)
+    # deep supervision (unet3plus decoder stages, fcn's aux head): each side output trained with the segmentation
+    # loss at this weight (U-Net 3+ paper: 1, torchvision's FCN recipe: 0.5); 0 = no side heads
+    side_weight: float = Field(ge=0, default=0.0)
+    # inference: classes whose presence probability is below this get no pixels (needs aux_weight > 0); 0 = off
+    presence_threshold: float = Field(ge=0, lt=1, default=0.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)   # extra constructor arguments, e.g. {decoder_channels: [..]}
+
+    @model_validator(mode="after")
+    def _threshold_needs_head(self) -> "ModelSpec":
+        if self.presence_threshold > 0 and self.aux_weight == 0:
+            raise ValueError("presence_threshold > 0 needs the class-presence head: set aux_weight > 0")
+        return self
 
 
 LOSS_NAMES = ("ce", "dice", "focal", "lovasz")

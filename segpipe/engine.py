@@ -255,8 +255,8 @@ def train_model(
             masks = masks.to(device, non_blocking=True)
             try:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = net(images)
-                    loss = loss_fn(logits, masks)
+                    # logits, or a SegOutput (side outputs, class presence) that the loss takes apart
+                    loss = loss_fn(net(images), masks)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == n_micro:
                     if cfg.grad_clip:
@@ -361,7 +361,11 @@ def _finish_swa(swa: AveragedModel, result: TrainResult, train_ds: Dataset, val_
 
 def _forward_probs(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return model(x).float().softmax(1)
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} returned {type(logits).__name__} in eval mode; a model must return "
+                        "logits (N, C, H, W) there and keep its extra heads for training (segpipe.outputs)")
+    return logits.float().softmax(1)
 
 
 def _apply_view(x: torch.Tensor, view: str) -> torch.Tensor:

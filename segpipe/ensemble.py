@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from segpipe.engine import autocast_dtype, pick_device, predict_probs
 from segpipe.metrics import MIoU
-from segpipe.models import build_model
+from segpipe.models import build_from_spec
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,11 @@ class Member:
 
 
 def load_member(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from the resolved config stored inside its checkpoint."""
+    """Rebuild a model from the resolved config stored inside its checkpoint (its ModelSpec dump: architecture,
+    encoder, heads, constructor kwargs; the weights come from the checkpoint, so no encoder weights are loaded)."""
     state = torch.load(ckpt, map_location=device, weights_only=False)
     cfg = state["config"]
-    m = cfg["model"]
-    model = build_model(m["arch"], m["encoder"], cfg["num_classes"], encoder_weights=None)
+    model = build_from_spec(cfg["model"], cfg["num_classes"], pretrained=False)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 
