@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train lint clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
