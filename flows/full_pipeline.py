@@ -124,7 +124,8 @@ def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid:
     """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
     # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
     sub = tasks.submit(p["submit"], p["data"], infer_dir, run_dir / "submit",
-                       hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer", "pseudo")},
+                       hyperparameters={k: p[k].model_dump(mode="json")
+                                        for k in ("train", "retrain", "infer", "pseudo")},
                        oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
     tasks.upload(run_dir / "submit", f"{prefix}/submit")
     publish_history(run_dir / "submit" / "history.json")

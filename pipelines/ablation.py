@@ -62,7 +62,7 @@ def verdict(d_oof: float | None, d_pub: float | None) -> str | None:
     ds = [d for d in (d_oof, d_pub) if d is not None]
     if not ds:
         return None
-    eps = 1e-6
+    eps = 5e-5                       # below what the report's 4 decimals show
     if all(abs(d) <= eps for d in ds):
         return "same"
     if all(d >= -eps for d in ds):
@@ -100,8 +100,8 @@ def run(params: AblationParams, submit: SubmitParams, data: DataParams, infer_ro
         if client is not None:
             try:
                 # the same file twice (e.g. one model: fold ensemble = multi-model ensemble) costs no slot
-                sub = client.submit(csv, f"{params.description}: {row['name']}" + (f" [{run_name}]" if run_name else ""),
-                                    {"training": {}, "inference": {"ablation_step": row["step"]}})
+                description = f"{params.description}: {row['name']}" + (f" [{run_name}]" if run_name else "")
+                sub = client.submit(csv, description, {"training": {}, "inference": {"ablation_step": row["step"]}})
                 if sub.status == "pending":
                     sub = client.wait_for_score(sub.id, timeout_s=submit.wait_seconds, poll_s=submit.poll_seconds)
                 row.update(public_miou=sub.public_score, submission_id=sub.id, status=sub.status)
@@ -142,7 +142,7 @@ def ablation_md(result: AblationResult) -> str:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--infer", type=Path, default=Path("artifacts/infer"), help="folder holding r0, r1, ... infer outputs")
+    p.add_argument("--infer", type=Path, default=Path("artifacts/infer"), help="the folder of r0, r1, ... infer outputs")
     p.add_argument("--out", type=Path, default=Path("artifacts/ablation"))
     p.add_argument("--dry-run", action="store_true", help="write and lint the files, submit nothing")
     a = p.parse_args()

@@ -5,7 +5,6 @@ masks, a report, and the ablation rows (single model -> +flip -> +multi-scale ->
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import time
@@ -24,8 +23,6 @@ from segpipe.ensemble import (GroupStore, Member, WeightSearch, confusion_of, fi
                               oof_miou_fn, score_probs, search_weights, sha256_file)
 from segpipe.metrics import MIoU
 from segpipe.tta import SlidingWindow, predict_levels
-
-log = logging.getLogger("pipelines.infer")
 
 OUT_SIZE = 256   # the submission resolution (DESIGN.md); every OOF score is measured there too
 CHUNK = 16
@@ -129,11 +126,15 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         size = cfg["input_size"]
         window = SlidingWindow(size, sw.overlap, sw.blend) if sw.enabled else None
         dsize = sw.image_size if sw.enabled else size
-        kw = dict(channels_last=cfg.get("channels_last", False), amp_dtype=autocast_dtype(device, cfg.get("amp", False)),
-                  window=window)
+        kw = dict(channels_last=cfg.get("channels_last", False),
+                  amp_dtype=autocast_dtype(device, cfg.get("amp", False)), window=window)
         spec = [(v, s) for _, v, s in steps]
         names = oof_names[m.name]
-        levels = predict_levels(model, images(tuple(names), dsize), params.batch_size, device, spec, **kw)
+        stored = np.load(member_dir(m) / "oof.npz")["probs"] if m.epoch == "best" and not sw.enabled else None
+        # the train stage already predicted these images with this checkpoint, no TTA: that is the plain step
+        reuse = stored is not None and stored.shape == (len(names), len(classes), size, size)
+        levels = predict_levels(model, images(tuple(names), dsize), params.batch_size, device, spec, **kw,
+                                first=stored if reuse else None)
         mdir = tmp / "members" / m.name
         mdir.mkdir(parents=True)
         np.save(mdir / "oof.npy", levels[-1])
@@ -163,22 +164,30 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
 
     t_search = time.perf_counter()
     oof_store.check_complete(groups)
-    score_fn = oof_miou_fn(oof_store, masks, nc, ignore)
+    score_fn = oof_miou_fn(oof_store, masks, nc, ignore)            # at 256, like every reported figure
     group_oof = {g: score_fn({g: 1.0}) for g in groups}
-    if params.weight_search:
-        search = search_weights(score_fn, groups, params.weight_grid)
+    equal = {g: 1.0 for g in groups}
+    uniform = score_fn(equal) if len(groups) > 1 else group_oof[groups[0]]
+    search_size = native
+    if params.weight_search and len(groups) > 1:
+        # the search scores many weightings: at the members' own resolution (a quarter of 256's pixels on the
+        # demo; upsampling moves the argmax only along edges); the chosen one is then scored at 256
+        search_masks = read_masks([by_name[n] for n in all_oof], native) if native != OUT_SIZE else masks
+        search = search_weights(oof_miou_fn(oof_store, search_masks, nc, ignore), groups, params.weight_grid)
     else:
-        uniform = score_fn({g: 1.0 for g in groups})
-        search = WeightSearch({g: 1.0 for g in groups}, uniform, uniform, [])
+        search = WeightSearch(equal, uniform, uniform, [{"weights": equal, "oof_miou": uniform}])
+        search_size = OUT_SIZE
     weights = search.weights
     ens = MIoU(nc, ignore)
     ens.cm += confusion_of(lambda r: oof_store.ensemble(weights, r, OUT_SIZE), masks, nc, ignore)
     t_search = time.perf_counter() - t_search
 
-    test_probs = np.concatenate([test_store.ensemble(weights, slice(s, s + CHUNK), OUT_SIZE).half().numpy()
-                                 for s in range(0, len(test_names), CHUNK)])
-    np.save(tmp / "test_probs.npy", test_probs)
-    np.save(tmp / "test_masks.npy", test_probs.argmax(1).astype(np.uint8))
+    chunks = [test_store.ensemble(weights, slice(s, s + CHUNK), OUT_SIZE) for s in range(0, len(test_names), CHUNK)]
+    np.save(tmp / "test_probs.npy", np.concatenate([c.half().numpy() for c in chunks]))
+    # masks from the float32 vote: float16 rounding would flip near-ties, and the fold-ensemble row's masks (same
+    # weights, one model) must be the very same file
+    np.save(tmp / "test_masks.npy", np.concatenate([c.argmax(1).numpy().astype(np.uint8) for c in chunks]))
+    del chunks
     write_json(tmp / "test_index.json", {"file_names": test_names})
 
     single_rows = {g: {name: level_metric[g][k].value for k, (name, _, _) in enumerate(steps)} for g in groups}
@@ -191,7 +200,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
                                                         "n_members": sum(m.group == g for m in members),
                                                         "single_model_oof_miou": single_rows[g]} for g in groups},
         "weights": weights, "weight_search": params.weight_search, "weight_evaluations": search.evaluations,
-        "uniform_oof_miou": search.uniform_miou, "ensemble_oof_miou": ens.value,
+        "uniform_oof_miou": uniform, "ensemble_oof_miou": ens.value, "weight_search_size": search_size,
         "ensemble_per_class_iou": ens.per_class(classes), "voting": params.voting, "tta": list(params.tta),
         "scales": list(params.scales), "sliding_window": sw.model_dump(), "members_kind": params.members,
         "n_members": len(members), "n_oof_images": len(all_oof), "n_test": len(test_names),
@@ -203,7 +212,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     test_store.close()
     shutil.rmtree(tmp / ".work", ignore_errors=True)
     write_json(tmp / "report.json", report)
-    write_json(tmp / "metrics.json", {"oof_miou": ens.value, "uniform_oof_miou": search.uniform_miou,
+    write_json(tmp / "metrics.json", {"oof_miou": ens.value, "uniform_oof_miou": uniform,
                                       **{f"model/{g}": v for g, v in group_oof.items()},
                                       **{f"weight/{g}": v for g, v in weights.items()},
                                       **{f"member/{k}": v for k, v in report["members"].items()}})
@@ -212,7 +221,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     os.replace(tmp, out_dir)
     print(f"infer r{round_}: {len(members)} members, {len(groups)} models, TTA {list(params.tta)} x scales "
           f"{list(params.scales)}, {params.voting} vote, weights {weights}; ensemble OOF mIoU {ens.value:.4f} "
-          f"(equal weights {search.uniform_miou:.4f}) in {report['seconds']['total']:.0f} s", flush=True)
+          f"(equal weights {uniform:.4f}) in {report['seconds']['total']:.0f} s", flush=True)
     return InferResult(ens.value, report["members"], len(test_names), weights, out_dir)
 
 
@@ -275,9 +284,10 @@ def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], me
 def report_md(report: dict, rows: list[dict]) -> str:
     def f(v):
         return "n/a" if v is None else f"{v:.4f}"
-    models = "\n".join(f"| {g} | {d['n_members']} | {f(d['single_model_oof_miou'].get('plain'))} | "
-                       f"{f(d['single_model_oof_miou'].get('flip'))} | {f(d['single_model_oof_miou'].get('multiscale'))} "
-                       f"| {f(d['oof_miou'])} | {d['weight']:g} |" for g, d in report["models"].items())
+    models = "\n".join(
+        f"| {g} | {d['n_members']} | "
+        + " | ".join(f(d["single_model_oof_miou"].get(k)) for k in ("plain", "flip", "multiscale"))
+        + f" | {f(d['oof_miou'])} | {d['weight']:g} |" for g, d in report["models"].items())
     members = "\n".join(f"| {k} | {f(v)} |" for k, v in report["members"].items())
     steps = "\n".join(f"| {r['name']} | {f(r['oof_miou'])} | {r['note']} |" for r in rows)
     return (f"# Ensemble report (round {report['round']})\n\n"
@@ -285,7 +295,8 @@ def report_md(report: dict, rows: list[dict]) -> str:
             f"{report['sliding_window']['enabled']}; {report['voting']} vote over {report['n_members']} members "
             f"({report['members_kind']}); OOF images: {report['n_oof_images']}, test images: {report['n_test']}.\n\n"
             f"Weights were chosen on the OOF predictions only ({len(report['weight_evaluations'])} weightings "
-            f"tried); the ensemble's OOF mIoU is therefore slightly optimistic.\n\n"
+            f"tried at {report['weight_search_size']}x{report['weight_search_size']}; every figure here is at "
+            f"{OUT_SIZE}x{OUT_SIZE}); the ensemble's OOF mIoU is therefore slightly optimistic.\n\n"
             f"| model | members | single, no TTA | + flip | + multi-scale | fold ensemble | weight |\n"
             f"|---|---|---|---|---|---|---|\n{models}\n\n"
             f"**Ensemble OOF mIoU {report['ensemble_oof_miou']:.4f}** (equal weights "

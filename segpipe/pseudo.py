@@ -20,7 +20,8 @@ def class_thresholds(classes: Sequence[str], default: float, overrides: Mapping[
     """(C,) thresholds: `default` for every class, `overrides` by class name (a rare class may need more)."""
     unknown = sorted(set(overrides) - set(classes))
     if unknown:
-        raise KeyError(f"Wrong class(es) {unknown} in pseudo.class_thresholds, classes in data.classes: {list(classes)}")
+        raise KeyError(f"Wrong class(es) {unknown} in pseudo.class_thresholds, "
+                       f"classes in data.classes: {list(classes)}")
     return np.array([overrides.get(c, default) for c in classes], np.float32)
 
 
@@ -28,8 +29,8 @@ def unknown_index(classes: Sequence[str]) -> int:
     for i, c in enumerate(classes):
         if c.casefold() == "unknown":
             return i
-    raise ValueError(f"pseudo.unknown=true needs an UNKNOWN class in data.classes {list(classes)} (data.unknown=class); "
-                     "set pseudo.unknown: false to mark unsure pixels ignore")
+    raise ValueError(f"pseudo.unknown=true needs an UNKNOWN class in data.classes {list(classes)} "
+                     "(data.unknown=class); set pseudo.unknown: false to mark unsure pixels ignore")
 
 
 def make_pseudo_labels(probs: np.ndarray, threshold: float | np.ndarray, min_confident_fraction: float,

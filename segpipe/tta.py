@@ -51,7 +51,9 @@ def invert_view(y: torch.Tensor, view: str) -> torch.Tensor:
 
 def scaled_size(h: int, w: int, scale: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     """(h, w) times `scale`, rounded to the nearest multiple the encoder accepts (never below one multiple)."""
-    return (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+    def side(n: int) -> int:
+        return max(multiple, round(n * scale / multiple) * multiple)
+    return side(h), side(w)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -187,23 +189,28 @@ def predict_probs(
 def predict_levels(
     model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
     steps: list[tuple[tuple[str, ...], tuple[float, ...]]], channels_last: bool = False,
-    amp_dtype: torch.dtype | None = None, window: SlidingWindow | None = None,
+    amp_dtype: torch.dtype | None = None, window: SlidingWindow | None = None, first: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Cumulative TTA levels from one set of forward passes: level k is the mean over the views x scales of
     steps[0..k], so `[(identity,), (1,)], [(hflip,), (1,)], [(identity, hflip), (0.75,)]` gives plain, +flip and
     +multi-scale probabilities (N, C, H, W) float16 for the price of the last one alone.
 
     The steps must be disjoint view x scale sets (each is forwarded once, then the running sum is read off).
+    `first`, when given, holds steps[0]'s probabilities (N, C, H, W) already (the train stage's OOF
+    predictions of the same checkpoint): they are used instead of running that step again.
     """
     model.eval()
     n_views = [len(v) * len(s) for v, s in steps]
     out: list[list[np.ndarray]] = [[] for _ in steps]
-    for x in _batches(images, batch_size, device, channels_last):
+    for start, x in zip(range(0, len(images), batch_size), _batches(images, batch_size, device, channels_last)):
         running, seen = None, 0
         for k, (views, scales) in enumerate(steps):
             def step(t: torch.Tensor, views=views, scales=scales) -> torch.Tensor:
                 return views_probs(model, t, views, scales, amp_dtype)
-            p = sliding_window_probs(step, x, window) if window is not None else step(x)
+            if k == 0 and first is not None:
+                p = torch.from_numpy(np.asarray(first[start:start + len(x)])).float().to(x.device)
+            else:
+                p = sliding_window_probs(step, x, window) if window is not None else step(x)
             running = p * n_views[k] if running is None else running + p * n_views[k]
             seen += n_views[k]
             out[k].append((running / seen).half().cpu().numpy())

@@ -105,6 +105,12 @@ def test_tta_levels_are_running_means_of_one_set_of_passes():
         assert got.dtype == np.float16 and got.shape == (3, 3, 64, 64)
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
     assert np.abs(levels[0].astype(np.float32) - levels[2].astype(np.float32)).max() > 1e-3   # TTA changed something
+    # the plain step handed in (the train stage's stored OOF) instead of run: the same levels
+    given = predict_levels(model, images, 2, CPU, steps, first=plain)
+    for got, want in zip(given, levels):
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    poisoned = predict_levels(model, images, 2, CPU, steps, first=np.zeros_like(plain))
+    assert np.abs(poisoned[1].astype(np.float32) - levels[1].astype(np.float32)).max() > 0.05   # really used
 
 
 def test_sliding_window_equals_plain_inference_when_the_window_covers_the_image():
@@ -322,3 +328,67 @@ def test_pseudo_stage_writes_labels_and_provenance_from_stored_probabilities(tmp
     assert prov["params"]["class_thresholds"] == {"A": 0.8} and prov["thresholds"] == pytest.approx(
         {"Background": 0.6, "A": 0.8, "B": 0.6})
     assert json.loads((out / "metrics.json").read_text())["pixels/A"] == 32
+
+
+# ------------------------------------------------------------------------------------------------ the infer stage
+def _fake_members(root: Path, vdir: Path, sizes: dict[str, int]) -> None:
+    """Untrained members as the train stage lays them out: best.pt with its resolved config, oof.npz names,
+    metrics.json, and one kept epoch (top_k/top-e001.pt) beside best.pt (epoch 2)."""
+    from pipelines.split import run as split_run
+    from segpipe.config import SplitParams
+    split_run(SplitParams(n_folds=2, seed=0, group_by="batch"), vdir, root / "split")
+    folds = json.loads((root / "split" / "folds.json").read_text())["folds"]
+    for model, size in sizes.items():
+        arch = model.split("_")[0]
+        for fold in (0, 1):
+            d = root / "members" / f"{model}-s0-f{fold}"
+            (d / "top_k").mkdir(parents=True)
+            for i, name in enumerate(("best.pt", "top_k/top-e001.pt")):
+                torch.manual_seed(fold * 10 + i)
+                net = build_model(arch, "resnet18", 3)
+                cfg = {"model": {"arch": arch, "encoder": "resnet18"}, "num_classes": 3, "input_size": size,
+                       "amp": True, "channels_last": False}
+                torch.save({"model": net.state_dict(), "config": cfg}, d / name)
+            names = [n for n, f in folds.items() if f == fold]
+            np.savez(d / "oof.npz", probs=np.zeros((len(names), 3, 2, 2), np.float16), file_names=np.array(names))
+            (d / "metrics.json").write_text(json.dumps({"best_epoch": 1}))
+
+
+def test_infer_stage_hard_votes_members_of_two_sizes_with_kept_epochs(tmp_path):
+    from pipelines import infer
+    from tests.test_training_chain import DATA, make_tiny
+    vdir = make_tiny(tmp_path)
+    _fake_members(tmp_path, vdir, {"unet_a": 32, "fpn_b": 64})
+    params = InferParams(tta=("hflip", "rot90"), batch_size=4, members="top_k", voting="hard")
+    res = infer.run(DATA, params, vdir, tmp_path / "members", tmp_path / "infer" / "r0", round_=0)
+    out = tmp_path / "infer" / "r0"
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_members"] == 8 and "unet_a-s0-f0@e001" in report["members"]     # kept epochs joined
+    assert np.load(out / "members" / "unet_a-s0-f0" / "oof.npy").shape[-1] == 32       # each member at its size
+    assert np.load(out / "members" / "fpn_b-s0-f1@e001" / "test.npy").shape == (4, 3, 64, 64)
+    probs = np.load(out / "test_probs.npy")
+    assert probs.shape == (4, 3, 256, 256) and np.abs(probs.astype(np.float32).sum(1) - 1).max() < 1e-2
+    assert report["voting"] == "hard" and set(res.weights) == {"unet_a", "fpn_b"}
+    tried = report["weight_evaluations"]                                             # searched at the members' 64 px
+    assert tried[0]["weights"] == {"unet_a": 1.0, "fpn_b": 1.0} and len(tried) > 1 and report["weight_search_size"] == 64
+    chosen = next(e["oof_miou"] for e in tried if e["weights"] == res.weights)
+    assert chosen == max(e["oof_miou"] for e in tried) >= tried[0]["oof_miou"]      # never worse than equal weights
+    assert report["n_oof_images"] == 16
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["step"] for r in rows] == ["single", "flip_tta", "multiscale_tta", "fold_ensemble", "model_ensemble"]
+    assert rows[2]["masks"] is None and "infer.scales" in rows[2]["note"]              # one scale: skipped, said why
+
+
+def test_infer_stage_sliding_window_over_larger_images(tmp_path):
+    from pipelines import infer
+    from tests.test_training_chain import DATA, make_tiny
+    vdir = make_tiny(tmp_path)
+    _fake_members(tmp_path, vdir, {"unet_a": 32})
+    params = InferParams(tta=(), batch_size=4, ablation=False,
+                         sliding_window=SlidingWindowParams(enabled=True, image_size=64, overlap=0.5))
+    infer.run(DATA, params, vdir, tmp_path / "members", tmp_path / "infer" / "r0", round_=0)
+    out = tmp_path / "infer" / "r0"
+    assert np.load(out / "members" / "unet_a-s0-f0" / "test.npy").shape == (4, 3, 64, 64)   # windows of 32 on 64
+    report = json.loads((out / "report.json").read_text())
+    assert report["sliding_window"]["enabled"] and report["member_details"]["unet_a-s0-f0"]["prob_size"] == 64
+    assert [r["step"] for r in json.loads((out / "ablation.json").read_text())] == ["model_ensemble"]
