@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train bench-infer clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -61,6 +61,9 @@ bench-validate: setup                     ## time validation + EDA on competitio
 
 bench-train: setup                        ## training img/s: plain loop vs tuned loop vs segpipe's task (GPU if present)
 	$(BIN)/python scripts/bench_train.py
+
+bench-infer: setup                        ## inference img/s: bare model(x) vs predict_probs with 1, 2, 4 flip views (GPU if present)
+	$(BIN)/python scripts/bench_infer.py
 
 clean:
 	rm -rf runs artifacts

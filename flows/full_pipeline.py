@@ -1,4 +1,5 @@
-"""The `full-pipeline` flow: validate -> split -> train[matrix] -> pseudo -> retrain[matrix] -> infer -> submit."""
+"""The `full-pipeline` flow: validate -> split -> train[matrix] -> infer -> (pseudo -> retrain[matrix] -> infer) x
+pseudo.rounds -> ablation -> submit."""
 
 from __future__ import annotations
 
@@ -50,20 +51,27 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
     trained = fan_out("train", matrix, run_dir, params_file, p["fanout"], prefix)
     publish_members(trained, "train-metrics")
+    result = infer_round(p, run_dir, prefix, 0)
 
-    tasks.pseudo(p["data"], p["pseudo"], p["infer"], run_dir / "validate", run_dir / "train", run_dir / "pseudo")
-    tasks.upload(run_dir / "pseudo", f"{prefix}/pseudo")
+    # pseudo -> retrain -> infer, pseudo.rounds times: each round labels the test set with the previous ensemble
+    for r in range(1, p["pseudo"].rounds + 1):
+        tasks.pseudo(p["data"], p["pseudo"], run_dir / "validate", run_dir / "infer" / f"r{r - 1}",
+                     run_dir / "pseudo" / f"r{r}", r)
+        tasks.upload(run_dir / "pseudo" / f"r{r}", f"{prefix}/pseudo/r{r}")
+        retrained = fan_out("retrain", matrix, run_dir, params_file, p["fanout"], prefix, r)
+        publish_members(retrained, f"retrain-r{r}-metrics")
+        result = infer_round(p, run_dir, prefix, r)
 
-    retrained = fan_out("retrain", matrix, run_dir, params_file, p["fanout"], prefix)
-    publish_members(retrained, "retrain-metrics")
-
-    result = tasks.infer(p["data"], p["infer"], run_dir / "validate", run_dir / "retrain", run_dir / "infer")
-    tasks.upload(run_dir / "infer", f"{prefix}/infer")
-    publish_markdown(run_dir / "infer" / "report.md", "ensemble-report")
+    ablation = tasks.ablation(p["ablation"], p["submit"], p["data"], run_dir / "infer", run_dir / "ablation",
+                              submit=submit, run_name=rid)
+    tasks.upload(run_dir / "ablation", f"{prefix}/ablation")
+    create_table_artifact(ablation.table(), key="ablation",
+                          description="does each step pay? OOF and public mIoU per step, deltas against the row above")
+    publish_markdown(run_dir / "ablation" / "ablation.md", "ablation-report")
 
     summary = {"run": rid, "data_version": version, "oof_miou": result.oof_miou, "artifacts": prefix}
     if submit:
-        summary.update(submit_and_record(p, run_dir, prefix, rid, result.oof_miou))
+        summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     create_table_artifact([{k: str(v) for k, v in summary.items()}], key="run-summary",
                           description=f"full-pipeline run {rid}")
@@ -71,11 +79,22 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     return summary
 
 
-def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str) -> list[Path]:
+def infer_round(p: dict, run_dir: Path, prefix: str, round_: int):
+    """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3."""
+    out = run_dir / "infer" / f"r{round_}"
+    result = tasks.infer(p["data"], p["infer"], run_dir / "validate", tasks.members_dir(run_dir, round_), out, round_)
+    tasks.upload(out, f"{prefix}/infer/r{round_}")
+    publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
+    return result
+
+
+def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str,
+            round_: int = 0) -> list[Path]:
     """Launch every (model, seed, fold) at once; the device leases decide how many really run together."""
-    futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout) for m, s, f in matrix]
+    futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout, round_) for m, s, f in matrix]
     # each member uploads as soon as it finishes, while the others still train
-    uploads = [tasks.upload.submit(fut, f"{prefix}/{stage}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]
+    key_root = tasks.members_dir(Path(prefix), round_)
+    uploads = [tasks.upload.submit(fut, f"{key_root}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]
     wait(uploads)      # one member failing (say, out of memory) must not cut the others short
     failed = [f"{m}-s{s}-f{f}" for u, (m, s, f) in zip(uploads, matrix) if not u.state.is_completed()]
     if failed:
@@ -107,11 +126,12 @@ def publish_markdown(path: Path, key: str) -> None:
         create_markdown_artifact(path.read_text(), key=key)
 
 
-def submit_and_record(p: dict, run_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
+def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
     """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
     # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
-    sub = tasks.submit(p["submit"], p["data"], run_dir / "infer", run_dir / "submit",
-                       hyperparameters={k: p[k].model_dump(mode="json") for k in ("train", "retrain", "infer")},
+    sub = tasks.submit(p["submit"], p["data"], infer_dir, run_dir / "submit",
+                       hyperparameters={k: p[k].model_dump(mode="json")
+                                        for k in ("train", "retrain", "infer", "pseudo")},
                        oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
     tasks.upload(run_dir / "submit", f"{prefix}/submit")
     publish_history(run_dir / "submit" / "history.json")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+import pipelines.ablation
 import pipelines.fetch
 import pipelines.infer
 import pipelines.pseudo
@@ -31,13 +32,21 @@ pseudo = task(pipelines.pseudo.run, name="pseudo")
 infer = task(pipelines.infer.run, name="infer")
 
 
-def leaderboard_key() -> str | None:
-    """The key from a Prefect Secret block `leaderboard-key`, else the worker's environment."""
+def leaderboard_key(block: str = "leaderboard-key", env: str = "SEGPIPE_LEADERBOARD_KEY") -> str | None:
+    """The key from a Prefect Secret block, else the worker's environment."""
     try:
         from prefect.blocks.system import Secret
-        return Secret.load("leaderboard-key").get()
-    except ValueError:     # no such block: the stack's worker environment carries SEGPIPE_LEADERBOARD_KEY
-        return os.environ.get("SEGPIPE_LEADERBOARD_KEY")
+        return Secret.load(block).get()
+    except ValueError:     # no such block: the stack's worker environment carries the key
+        return os.environ.get(env)
+
+
+@task(name="ablation", retries=0)   # a retry would only re-read what the leaderboard already scored
+def ablation(params, submit_params, data, infer_root: Path, out_dir: Path, submit: bool = True, run_name: str = ""):
+    """One row per step with OOF and public mIoU; the ablation key is read here, never a task input."""
+    key = leaderboard_key("leaderboard-ablation-key", pipelines.ablation.KEY_ENV) if submit else None
+    return pipelines.ablation.run(params, submit_params, data, infer_root, out_dir, key=key, dry_run=not submit,
+                                  run_name=run_name)
 
 
 @task(name="submit", retries=0)   # the client retries safely itself; a second task try could double-submit
@@ -63,16 +72,30 @@ def upload(local_dir: Path, key_prefix: str) -> list[str]:
     return keys
 
 
-@task(name="train", task_run_name="{stage}-{model}-s{seed}-f{fold}", retries=1, retry_delay_seconds=5)
-def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams) -> Path:
+def members_dir(run_dir: Path, round_: int) -> Path:
+    """Where round `round_`'s members live: train/ for round 0, retrain/r<N>/ after N pseudo-label rounds."""
+    return run_dir / "train" if round_ == 0 else run_dir / "retrain" / f"r{round_}"
+
+
+def _train_run_name() -> str:
+    """`train-unet-s0-f1`, and `retrain-r2-unet-s0-f1` in the second pseudo-label round."""
+    from prefect.runtime import task_run
+    p = task_run.parameters
+    r = f"-r{p['round_']}" if p.get("round_") else ""
+    return f"{p['stage']}{r}-{p['model']}-s{p['seed']}-f{p['fold']}"
+
+
+@task(name="train", task_run_name=_train_run_name, retries=1, retry_delay_seconds=5)
+def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams,
+          round_: int = 0) -> Path:
     """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint."""
     log = get_run_logger()
-    out_root = run_dir / stage
+    out_root = members_dir(run_dir, round_)
     cmd = [sys.executable, "-m", f"pipelines.{stage}", "--params", params_file, "--model", model, "--seed", str(seed),
            "--fold", str(fold), "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"),
            "--out-root", str(out_root)]
-    if stage == "retrain":
-        cmd += ["--pseudo", str(run_dir / "pseudo")]
+    if round_:
+        cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}")]
     with lease(LEASE_DIR, fanout.slots_per_gpu, fanout.cpu_slots) as held:
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)

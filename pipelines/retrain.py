@@ -1,4 +1,5 @@
-"""Stage `retrain`: the train stage again, on train + pseudo-labelled test images (round 1)."""
+"""Stage `retrain`: the train stage again, on train + pseudo-labelled test images (round 1 by default; the Prefect
+flow passes each round's --pseudo and --out-root)."""
 
 from pipelines.train import main
 

@@ -251,7 +251,7 @@ def infer_oof_miou(infer_dir: Path) -> float | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
-    p.add_argument("--infer", type=Path, default=Path("artifacts/infer"))
+    p.add_argument("--infer", type=Path, default=Path("artifacts/infer/r1"), help="the last round's infer output")
     p.add_argument("--out", type=Path, default=Path("artifacts/submit"))
     p.add_argument("--run-name", default="", help="the run this file came from, for the history "
                    "(default: manual-<UTC time>)")

@@ -30,7 +30,7 @@ CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
 RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
 # the code that decides trained weights: part of the content key, so a code change retrains
 CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
-              "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py")
+              "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -315,8 +315,8 @@ def main(round_: int = 0) -> None:
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--validate", type=Path, default=Path("artifacts/validate"))
     p.add_argument("--split", type=Path, default=Path("artifacts/split"))
-    p.add_argument("--pseudo", type=Path, default=Path("artifacts/pseudo") if round_ else None)
-    p.add_argument("--out-root", type=Path, default=Path("artifacts/retrain" if round_ else "artifacts/train"))
+    p.add_argument("--pseudo", type=Path, default=Path(f"artifacts/pseudo/r{round_}") if round_ else None)
+    p.add_argument("--out-root", type=Path, default=Path(f"artifacts/retrain/r{round_}" if round_ else "artifacts/train"))
     p.add_argument("--curve", type=Path, help="also write the learning curve TSV here (dvc.yaml's plots)")
     a = p.parse_args()
     raw = read_params(a.params)

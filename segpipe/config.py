@@ -130,14 +130,67 @@ class RetrainParams(Section):
     epochs: int = Field(ge=1)       # the retrain round trains from scratch on train + pseudo-labelled test
 
 
+TTAView = Literal["hflip", "vflip", "hvflip", "rot90", "rot270"]
+
+
+class SlidingWindowParams(Section):
+    enabled: bool = False           # on: images decoded at image_size, predicted in windows of the member's input_size
+    image_size: int = Field(ge=0, default=0)        # the square size images are decoded at (> input_size to matter)
+    overlap: float = Field(ge=0, lt=1, default=0.5)   # share of a window its neighbour covers again
+    blend: Literal["gaussian", "uniform"] = "gaussian"   # gaussian: window centres outweigh edges (no seams)
+
+    @model_validator(mode="after")
+    def _size_when_enabled(self) -> "SlidingWindowParams":
+        if self.enabled and self.image_size <= 0:
+            raise ValueError("image_size must be > 0 when enabled (the size images are decoded at, e.g. 512)")
+        return self
+
+
 class InferParams(Section):
-    tta: tuple[Literal["hflip", "vflip", "hvflip"], ...] = ("hflip",)
+    tta: tuple[TTAView, ...] = ("hflip",)   # views besides identity; inverses are applied to the probabilities
+    scales: tuple[float, ...] = (1.0,)      # multi-scale TTA: input resized by each factor, probabilities back
     batch_size: int = Field(ge=1)
+    sliding_window: SlidingWindowParams = SlidingWindowParams()
+    members: Literal["best", "top_k"] = "best"   # top_k: also every member's kept epochs (train.keep_top_k > 1)
+    voting: Literal["soft", "hard"] = "soft"     # soft: weighted mean of probabilities; hard: weighted majority
+    weight_search: bool = True      # model-level weights by coordinate ascent on the OOF mIoU; off: equal weights
+    weight_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)   # values each model's weight is tried at
+    ablation: bool = True           # round 0 also scores single model / +flip / +multi-scale / fold ensemble
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if 1.0 not in v or any(s <= 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"scales {list(v)} must be distinct, positive and include 1.0 (the plain prediction)")
+        return v
+
+    @field_validator("weight_grid")
+    @classmethod
+    def _grid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not any(w > 0 for w in v) or any(w < 0 for w in v):
+            raise ValueError(f"weight_grid {list(v)} needs non-negative values, at least one > 0")
+        return v
 
 
 class PseudoParams(Section):
+    rounds: int = Field(ge=0, default=1)         # pseudo -> retrain rounds in the Prefect flow (dvc.yaml runs one)
     threshold: float = Field(gt=0, lt=1)         # min max-probability for a pixel to be kept
+    class_thresholds: dict[str, float] = Field(default_factory=dict)   # class name -> its own threshold
     min_confident_fraction: float = Field(ge=0, le=1)  # images below this kept share are dropped
+    unknown: bool = False           # unsure pixels become UNKNOWN (needs UNKNOWN in data.classes), not ignore
+
+    @field_validator("class_thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not 0 < t < 1}
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1), got {bad}")
+        return v
+
+
+class AblationParams(Section):
+    submit: bool = True             # one leaderboard submission per row, with the ablation key's own daily limit
+    description: str = "segpipe ablation"
 
 
 SubmitPolicy = Literal["always", "if_better", "never"]
@@ -168,7 +221,7 @@ class FanoutParams(Section):
 PARAM_SECTIONS: dict[str, type[Section]] = {
     "data": DataParams, "generate": GenerateParams, "validate": ValidateParams, "split": SplitParams,
     "train": TrainParams, "retrain": RetrainParams, "infer": InferParams, "pseudo": PseudoParams,
-    "submit": SubmitParams, "fanout": FanoutParams,
+    "submit": SubmitParams, "fanout": FanoutParams, "ablation": AblationParams,
 }
 
 S = TypeVar("S", bound=Section)

@@ -20,11 +20,9 @@ from tqdm import tqdm
 
 from segpipe.datasets import normalize
 from segpipe.metrics import MIoU
+from segpipe.tta import TTA_VIEWS, predict_probs  # noqa: F401  (re-exported: engine.predict_probs)
 
 log = logging.getLogger(__name__)
-
-TTA_VIEWS = ("identity", "hflip", "vflip", "hvflip")
-
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -357,51 +355,6 @@ def _finish_swa(swa: AveragedModel, result: TrainResult, train_ds: Dataset, val_
         os.replace(ckpt_dir / "swa.pt", ckpt_dir / "best.pt")
         result.best_miou, result.best_epoch, result.best_source = metric.value, -1, "swa"
         result.per_class = metric.per_class(class_names)
-
-
-def _forward_probs(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{type(model).__name__} returned {type(logits).__name__} in eval mode; a model must return "
-                        "logits (N, C, H, W) there and keep its extra heads for training (segpipe.outputs)")
-    return logits.float().softmax(1)
-
-
-def _apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
-    """Flip views are their own inverse, so the same function maps inputs and un-maps probabilities."""
-    if view == "identity":
-        return x
-    dims = {"hflip": [3], "vflip": [2], "hvflip": [2, 3]}[view]
-    return x.flip(dims)
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module,
-    images: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-    tta: tuple[str, ...] = (),
-    channels_last: bool = False,
-    amp_dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float16 for uint8 images (N, H, W, 3), averaged over identity + `tta` views."""
-    unknown = set(tta) - set(TTA_VIEWS)
-    if unknown:
-        raise KeyError(f"Wrong TTA view(s) {sorted(unknown)}, supported views: {list(TTA_VIEWS)}")
-    views = ("identity",) + tuple(v for v in tta if v != "identity")
-    model.eval()
-    out: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
-        x = normalize(batch.to(device), channels_last)
-        # all views of a batch in one forward pass: n views cost ~n x one view, never more
-        stacked = torch.cat([_apply_view(x, v) for v in views])
-        probs = _forward_probs(model, stacked, amp_dtype).view(len(views), len(x), -1, *x.shape[2:])
-        merged = torch.stack([_apply_view(probs[i], v) for i, v in enumerate(views)]).mean(0)
-        out.append(merged.half().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,), np.float16)
 
 
 @torch.no_grad()

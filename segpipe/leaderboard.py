@@ -241,6 +241,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_key_limits(text: str) -> dict[str, int]:
+    """`key:limit,key:limit` (SEGPIPE_LEADERBOARD_KEY_LIMITS) -> {key: daily limit}; the error never shows a key."""
+    out = {}
+    for i, item in enumerate(t.strip() for t in text.split(",") if t.strip()):
+        key, sep, limit = item.rpartition(":")
+        if not sep or not key or not limit.isdigit():
+            raise SystemExit(f"SEGPIPE_LEADERBOARD_KEY_LIMITS entry {i + 1} is not `key:limit` (limit a whole number)")
+        out[key] = int(limit)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """`serve`: run the server. Keys: SEGPIPE_LEADERBOARD_KEYS (comma-separated), SEGPIPE_LEADERBOARD_ADMIN_KEY."""
     args = _parse(argv)
@@ -250,10 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     keys = tuple(k.strip() for k in os.environ.get("SEGPIPE_LEADERBOARD_KEYS", "").split(",") if k.strip())
     if not keys:
         raise SystemExit("SEGPIPE_LEADERBOARD_KEYS is empty: set it to the comma-separated user keys")
+    key_limits = parse_key_limits(os.environ.get("SEGPIPE_LEADERBOARD_KEY_LIMITS", ""))
     settings = ServerSettings(
         labels_dir=args.labels, state_dir=args.state_dir, s3=S3Config.from_env(), user_keys=keys,
         admin_key=os.environ.get("SEGPIPE_LEADERBOARD_ADMIN_KEY") or None, competition_id=args.competition_id,
-        bucket=args.bucket, daily_limit=args.daily_limit, max_upload_bytes=args.max_upload_bytes,
+        bucket=args.bucket, daily_limit=args.daily_limit, key_limits=key_limits, max_upload_bytes=args.max_upload_bytes,
         url_expiry_s=args.url_expiry_s, poll_s=args.poll_s,
     )
     serve(settings, args.host, args.port, args.log_level)

@@ -51,6 +51,9 @@ class ServerSettings:
     competition_id: int = 1
     bucket: str = "leaderboard"               # submissions live apart from the pipeline's artifacts
     daily_limit: int = 10
+    # further keys, each with its own daily limit (SEGPIPE_LEADERBOARD_KEY_LIMITS): e.g. a key for the ablation
+    # report's one-submission-per-row, so measuring the steps never eats the team's own daily slots
+    key_limits: dict[str, int] = field(default_factory=dict)
     max_upload_bytes: int | None = None       # None: derived from the test set size (a valid file's max)
     url_expiry_s: int = 900
     poll_s: float = 1.0
@@ -58,7 +61,8 @@ class ServerSettings:
     def __repr__(self) -> str:                # keys stay out of logs and tracebacks
         return (f"ServerSettings(labels_dir={str(self.labels_dir)!r}, state_dir={str(self.state_dir)!r}, "
                 f"s3={self.s3!r}, users={len(self.user_keys)}, admin={'set' if self.admin_key else 'unset'}, "
-                f"competition_id={self.competition_id}, bucket={self.bucket!r}, daily_limit={self.daily_limit})")
+                f"competition_id={self.competition_id}, bucket={self.bucket!r}, daily_limit={self.daily_limit}, "
+                f"own-limit keys={len(self.key_limits)})")
 
 
 def key_hash(key: str) -> str:
@@ -189,7 +193,8 @@ class Leaderboard:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.state = State(settings.state_dir / "leaderboard.sqlite")
-        self.users = self.state.register_keys(settings.user_keys)
+        self.users = self.state.register_keys(tuple(settings.user_keys) + tuple(settings.key_limits))
+        self.user_limits = {self.users[key_hash(k)]: limit for k, limit in settings.key_limits.items()}
         self.s3 = settings.s3.client()
         self._labels: HiddenLabels | None = None
         self._labels_lock = threading.Lock()
@@ -257,7 +262,7 @@ class Leaderboard:
         used = db.execute(
             "SELECT COUNT(*) FROM submissions WHERE competition_id = ? AND user_id = ? AND created_ts >= ?",
             (cid, user, start)).fetchone()[0]
-        limit = self.settings.daily_limit
+        limit = self.user_limits.get(user, self.settings.daily_limit)
         return {"daily_limit": limit, "used_today": used, "remaining": max(limit - used, 0),
                 "resets_at": reset.isoformat(timespec="seconds")}
 

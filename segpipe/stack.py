@@ -46,6 +46,8 @@ WORK_POOL = "segpipe"
 WORKER_LIMIT = 4                      # concurrent flow runs: a nightly run plus a manual one, with room
 DVC_REMOTE = "storage"
 DVC_REMOTE_URL = "s3://dvc/segpipe"
+# the ablation key's daily limit on the local leaderboard: ~6 rows a run, so a dozen runs a day still fit
+ABLATION_DAILY_LIMIT = 100
 START_TIMEOUT = {"s3": 60.0, "prefect": 150.0, "worker": 90.0, "leaderboard": 60.0}
 
 
@@ -128,6 +130,8 @@ def _write_credentials(home: Path, ports: dict[str, int]) -> dict[str, str]:
         "SEGPIPE_S3_ENDPOINT": f"http://{HOST}:{ports['s3']}",
         "SEGPIPE_S3_BUCKET": "segpipe",
         "SEGPIPE_LEADERBOARD_KEY": old.get("SEGPIPE_LEADERBOARD_KEY") or secrets.token_urlsafe(24),
+        # the ablation report's own key: one submission per row, on its own daily limit (ABLATION_DAILY_LIMIT)
+        "SEGPIPE_LEADERBOARD_ABLATION_KEY": old.get("SEGPIPE_LEADERBOARD_ABLATION_KEY") or secrets.token_urlsafe(24),
         "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
     }
     text = "# written by `segpipe stack up`: secrets, never commit; load with `source` this file\n"
@@ -357,7 +361,8 @@ def _start_leaderboard(home: Path, ports: dict[str, int], env: dict[str, str], c
                     labels_dir)
     state_dir = home / "leaderboard"
     state_dir.mkdir(exist_ok=True)
-    lenv = {**os.environ, **env, "SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"]}
+    lenv = {**os.environ, **env, "SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"],
+            "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{env['SEGPIPE_LEADERBOARD_ABLATION_KEY']}:{ABLATION_DAILY_LIMIT}"}
     lenv.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", HOST, "--port", str(ports["leaderboard"]),
            "--labels", str(labels_dir), "--state-dir", str(state_dir)]

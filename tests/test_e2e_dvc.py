@@ -30,16 +30,23 @@ def test_dvc_repro_runs_chain_then_nothing_then_only_dependants(tmp_path):
     shrink_params(project / "params.yaml")
 
     out = dvc(project, "repro")
-    for stage in ("generate", "validate", "split", "train@fpn_mbv2-0-0", "train@fpn_mbv2-0-1", "pseudo",
-                  "retrain@fpn_mbv2-0-1", "infer", "submit"):
+    for stage in ("generate", "validate", "split", "train@fpn_mbv2-0-0", "train@fpn_mbv2-0-1", "infer@r0", "pseudo",
+                  "retrain@fpn_mbv2-0-1", "infer@r1", "ablation", "submit"):
         assert f"Running stage '{stage}'" in out
-    masks = np.load(project / "artifacts/infer/test_masks.npy")
+    masks = np.load(project / "artifacts/infer/r1/test_masks.npy")
     assert masks.shape == (8, 256, 256)
     lines = (project / "artifacts/submit/submission.csv").read_text().splitlines()
     assert lines[0] == "image_id,PredictionString" and len(lines) == 9
     assert len(lines[1].split(",", 1)[1].split(" ")) == 256 * 256
     assert json.loads((project / "artifacts/submit/result.json").read_text())["status"] == "dry-run"
-    assert "ensemble_oof_miou" in json.loads((project / "artifacts/infer/report.json").read_text())
+    assert "ensemble_oof_miou" in json.loads((project / "artifacts/infer/r1/report.json").read_text())
+    assert np.load(project / "artifacts/infer/r0/members/fpn_mbv2-s0-f1/oof.npy").dtype == np.float16
+
+    # the ablation rows are a DVC metric (OOF only: dvc repro never submits)
+    metrics = json.loads(dvc(project, "metrics", "show", "--json"))
+    ablation = next(iter(metrics.values()))["data"]["artifacts/ablation/metrics.json"]["data"]
+    assert {"oof/single", "oof/fold_ensemble", "oof/model_ensemble", "oof/pseudo_r1"} <= set(ablation)
+    assert not any(k.startswith("public/") for k in ablation)
 
     # learning curves of every member, through DVC's own plots machinery
     shown = json.loads(dvc(project, "plots", "show", "--json"))

@@ -73,9 +73,20 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         store = ArtifactStore(S3Config.from_env(env))
         keys = store.list(summary["artifacts"] + "/")
         for part in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f0/best.pt",
-                     "train/fpn_mbv2-s0-f1/oof.npz", "pseudo/provenance.json", "retrain/fpn_mbv2-s0-f1/best.pt",
-                     "infer/report.json", "submit/submission.csv", "submit/result.json"):
+                     "train/fpn_mbv2-s0-f1/oof.npz", "infer/r0/members/fpn_mbv2-s0-f0/oof.npy",
+                     "infer/r0/members/fpn_mbv2-s0-f1/test.npy", "pseudo/r1/provenance.json",
+                     "retrain/r1/fpn_mbv2-s0-f1/best.pt", "infer/r1/report.json", "ablation/ablation.json",
+                     "submit/submission.csv", "submit/result.json"):
             assert f"{summary['artifacts']}/{part}" in keys, f"{part} missing from S3"
+
+        # the ablation table: every row with a file was scored by the leaderboard under the ablation key
+        table = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30,
+                              json={"artifacts": {"key": {"any_": ["ablation"]}}}).json()
+        rows = json.loads(table[0]["data"]) if isinstance(table[0]["data"], str) else table[0]["data"]
+        assert [r["step"] for r in rows] == ["single", "flip_tta", "multiscale_tta", "fold_ensemble",
+                                             "model_ensemble", "pseudo_r1"]
+        assert all(0.0 <= r["public_miou"] <= 1.0 and r["oof_miou"] is not None for r in rows)
+        assert rows[-1]["public_miou"] == pytest.approx(summary["public_miou"], abs=1e-4)   # the same masks
 
         # the validate stage's EDA is in the Prefect UI: the report with its plots inlined, and its tables
         arts = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {

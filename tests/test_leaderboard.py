@@ -34,6 +34,7 @@ N = 4
 KEYS = {name: "k-" + secrets.token_hex(12)
         for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")}
 ADMIN = "admin-" + secrets.token_hex(12)
+ABLATION_KEY, ABLATION_LIMIT = "abl-" + secrets.token_hex(12), 50    # its own daily limit (SEGPIPE_LEADERBOARD_KEY_LIMITS)
 
 
 def write_labels(root: Path, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -54,7 +55,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEGPIPE_S3_ENDPOINT": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
                "AWS_SECRET_ACCESS_KEY": s3.secret_key, "SEGPIPE_LEADERBOARD_KEYS": ",".join(KEYS.values()),
-               "SEGPIPE_LEADERBOARD_ADMIN_KEY": ADMIN, "SEGPIPE_LEADERBOARD_DAILY_LIMIT": str(LIMIT)}
+               "SEGPIPE_LEADERBOARD_ADMIN_KEY": ADMIN, "SEGPIPE_LEADERBOARD_DAILY_LIMIT": str(LIMIT),
+               "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{ABLATION_KEY}:{ABLATION_LIMIT}"}
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -89,7 +91,7 @@ def board(s3, tmp_path_factory):
     yield {"server": server, "names": names, "labels": labels, "root": root}
     server.stop()
     log = (root / "server.log").read_text()
-    assert all(k not in log for k in (*KEYS.values(), ADMIN)), "a key leaked into the server log"
+    assert all(k not in log for k in (*KEYS.values(), ADMIN, ABLATION_KEY)), "a key leaked into the server log"
 
 
 def client(board, who: str) -> LeaderboardClient:
@@ -412,6 +414,57 @@ def test_a_slot_left_pending_is_uploaded_by_the_next_try(board, tmp_path):
     assert c.wait_for_score(sub.id, timeout_s=20, poll_s=0.2).public_score == pytest.approx(1.0)
 
 
+def test_ablation_rows_are_scored_with_the_ablation_keys_own_limit(board, tmp_path):
+    """The ablation stage submits one file per row with its own key: the public scores come from the server, a
+    file equal to an earlier row's costs no slot, and the team's own daily limit is untouched."""
+    from pipelines import ablation
+    from segpipe.config import AblationParams
+    names, labels = board["names"], board["labels"]
+    half = labels.copy()
+    half[:, :, :128] = 0
+    rows = {"r0": [("single", half), ("flip_tta", None), ("fold_ensemble", labels), ("model_ensemble", labels)],
+            "r1": [("pseudo_r1", labels)]}
+    oof = iter([0.1, 0.2, 0.3, 0.4])                                    # rising OOF mIoU, row after row
+    for r, steps in rows.items():
+        d = tmp_path / "infer" / r
+        (d / "ablation").mkdir(parents=True)
+        (d / "test_index.json").write_text(json.dumps({"file_names": names}))
+        out = []
+        for step, masks in steps:
+            if masks is not None:
+                np.save(d / "ablation" / f"{step}.npy", masks)
+            out.append({"step": step, "name": step, "oof_miou": None if masks is None else next(oof),
+                        "masks": None if masks is None else f"ablation/{step}.npy", "note": ""})
+        (d / "ablation.json").write_text(json.dumps(out))
+    params = SubmitParams(base_url=board["server"].url, competition_id=CID, wait_seconds=20, poll_seconds=0.2)
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+    res = ablation.run(AblationParams(), params, data, tmp_path / "infer", tmp_path / "ablation", key=ABLATION_KEY,
+                       run_name="test")
+    by = {r["step"]: r for r in res.rows}
+    assert by["flip_tta"]["status"] == "skipped" and by["flip_tta"]["public_miou"] is None
+    assert by["single"]["public_miou"] < 0.9 and by["fold_ensemble"]["public_miou"] == pytest.approx(1.0)
+    assert by["fold_ensemble"]["delta_public"] > 0 and by["fold_ensemble"]["pays"] == "yes"
+    assert by["model_ensemble"]["submission_id"] == by["fold_ensemble"]["submission_id"]    # same file, no slot
+    assert by["pseudo_r1"]["pays"] == "yes"        # OOF up, public equal
+    lim = LeaderboardClient(board["server"].url, CID, ABLATION_KEY).limits()
+    assert (lim.daily_limit, lim.used_today) == (ABLATION_LIMIT, 2)
+    assert client(board, "hank").limits().daily_limit == LIMIT
+    metrics = json.loads((tmp_path / "ablation" / "metrics.json").read_text())
+    assert metrics["public/fold_ensemble"] == pytest.approx(1.0) and "public/flip_tta" not in metrics
+    # without the key nothing is sent and the report says why
+    dry = ablation.run(AblationParams(), params, data, tmp_path / "infer", tmp_path / "dry", key=None)
+    assert all(r["public_miou"] is None for r in dry.rows)
+    assert "SEGPIPE_LEADERBOARD_ABLATION_KEY is not set" in dry.rows[0]["status"]
+
+
+def test_key_limits_parse_and_never_echo_the_key():
+    from segpipe.leaderboard import parse_key_limits
+    assert parse_key_limits("a:3, b-c:100") == {"a": 3, "b-c": 100} and parse_key_limits("") == {}
+    with pytest.raises(SystemExit) as e:
+        parse_key_limits("secret-key-without-limit")
+    assert "secret" not in str(e.value) and "entry 1" in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------ the Prefect flow side
 def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_path, monkeypatch):
     """The flow's submit step under a real (temporary) Prefect server: the deployment's name picks the policy,
@@ -436,7 +489,7 @@ def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_pat
 
     @flow(name="submit-check")
     def submit_check(run: str) -> dict:
-        return submit_and_record(p, tmp_path / run, f"runs/{tmp_path.name}-{run}", run, 0.6)
+        return submit_and_record(p, tmp_path / run, tmp_path / run / "infer", f"runs/{tmp_path.name}-{run}", run, 0.6)
 
     with prefect_test_harness(server_startup_timeout=180):
         _infer_dir(tmp_path / "r1" / "infer", names, labels)

@@ -1,4 +1,4 @@
-"""split -> train -> pseudo -> retrain -> infer on a tiny dataset, with real tensors and files (CPU)."""
+"""split -> train -> infer r0 -> pseudo -> retrain -> infer r1 -> ablation on a tiny dataset, real tensors and files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import infer, pseudo, split, train
-from segpipe.config import DataParams, InferParams, ModelSpec, PseudoParams, SplitParams, TrainParams
+from pipelines import ablation, infer, pseudo, split, train
+from segpipe.config import (AblationParams, DataParams, InferParams, ModelSpec, PseudoParams, SplitParams,
+                            SubmitParams, TrainParams)
 from segpipe.engine import LoopConfig, train_model
 from segpipe.datasets import ArrayDataset
 from segpipe.losses import SegLoss
@@ -82,24 +83,47 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
     np.testing.assert_allclose(oof["probs"].astype(np.float32).sum(1), 1.0, atol=2e-2)
     assert not (tmp_path / "train" / ".resume" / "unet_r18-s0-f0").exists()   # resume state cleaned after success
 
-    pres = pseudo.run(DATA, PseudoParams(threshold=0.34, min_confident_fraction=0.0), InferParams(tta=("hflip",), batch_size=4),
-                      vdir, tmp_path / "train", tmp_path / "pseudo")
-    assert pres.n_kept == 4
-    pidx = json.loads((tmp_path / "pseudo" / "index.json").read_text())
-    assert len(pidx["samples"]) == 4 and (tmp_path / "pseudo" / pidx["samples"][0]["mask"]).is_file()
+    # round 0: every member's TTA probabilities on its OOF images and the test set, weights, ablation rows
+    iparams = InferParams(tta=("hflip", "vflip"), scales=(1.0, 2.0), batch_size=4)
+    r0 = infer.run(DATA, iparams, vdir, tmp_path / "train", tmp_path / "infer" / "r0", round_=0)
+    for m in ("unet_r18-s0-f0", "unet_r18-s0-f1"):
+        mdir = tmp_path / "infer" / "r0" / "members" / m
+        assert np.load(mdir / "oof.npy").shape == (8, 3, 32, 32) and np.load(mdir / "test.npy").dtype == np.float16
+    rows = json.loads((tmp_path / "infer" / "r0" / "ablation.json").read_text())
+    assert [r["step"] for r in rows] == ["single", "flip_tta", "multiscale_tta", "fold_ensemble", "model_ensemble"]
+    assert rows[-1]["oof_miou"] == r0.oof_miou and rows[3]["oof_miou"] == pytest.approx(rows[2]["oof_miou"], abs=1e-6)
+    assert all(np.load(tmp_path / "infer" / "r0" / r["masks"]).shape == (4, 256, 256) for r in rows)
 
-    train.run(DATA, tiny_train_params(class_weights="eda"), "unet_r18", 0, 0, vdir, tmp_path / "split",
-              tmp_path / "retrain" / "unet_r18-s0-f0", epochs=1, pseudo_dir=tmp_path / "pseudo")
-    meta = torch.load(tmp_path / "retrain" / "unet_r18-s0-f0" / "best.pt", weights_only=False)["config"]
+    pres = pseudo.run(DATA, PseudoParams(threshold=0.34, min_confident_fraction=0.0), vdir, tmp_path / "infer" / "r0",
+                      tmp_path / "pseudo" / "r1")
+    assert pres.n_kept == 4
+    pidx = json.loads((tmp_path / "pseudo" / "r1" / "index.json").read_text())
+    assert len(pidx["samples"]) == 4 and (tmp_path / "pseudo" / "r1" / pidx["samples"][0]["mask"]).is_file()
+    prov = json.loads((tmp_path / "pseudo" / "r1" / "provenance.json").read_text())
+    assert set(prov["ensemble"]["members"]) == {"unet_r18-s0-f0", "unet_r18-s0-f1"}
+
+    for fold in (0, 1):
+        train.run(DATA, tiny_train_params(class_weights="eda"), "unet_r18", 0, fold, vdir, tmp_path / "split",
+                  tmp_path / "retrain" / "r1" / f"unet_r18-s0-f{fold}", epochs=1, pseudo_dir=tmp_path / "pseudo" / "r1")
+    meta = torch.load(tmp_path / "retrain" / "r1" / "unet_r18-s0-f0" / "best.pt", weights_only=False)["config"]
     assert meta["pseudo"] and meta["n_train"] == 8 + 4 and meta["n_val"] == 8   # pseudo images never validate
     assert meta["class_weights"] == pytest.approx([0.1, 1.0, 2.0])   # EDA's weights, in class-index order
 
-    ires = infer.run(DATA, InferParams(tta=("hflip", "vflip"), batch_size=4), vdir, tmp_path / "train", tmp_path / "infer")
-    masks = np.load(tmp_path / "infer" / "test_masks.npy")
+    ires = infer.run(DATA, iparams, vdir, tmp_path / "retrain" / "r1", tmp_path / "infer" / "r1", round_=1)
+    masks = np.load(tmp_path / "infer" / "r1" / "test_masks.npy")
     assert masks.shape == (4, 256, 256) and masks.max() < 3
-    report = json.loads((tmp_path / "infer" / "report.json").read_text())
+    report = json.loads((tmp_path / "infer" / "r1" / "report.json").read_text())
     assert set(report["members"]) == {"unet_r18-s0-f0", "unet_r18-s0-f1"} and report["n_oof_images"] == 16
     assert ires.oof_miou == report["ensemble_oof_miou"]
+
+    abl = ablation.run(AblationParams(), SubmitParams(base_url="http://127.0.0.1:9", competition_id=1), DATA,
+                       tmp_path / "infer", tmp_path / "ablation", key=None, dry_run=True)
+    assert [r["step"] for r in abl.rows][-1] == "pseudo_r1" and len(abl.rows) == 6
+    assert abl.rows[-1]["oof_miou"] == ires.oof_miou and all(r["public_miou"] is None for r in abl.rows)
+    assert all(Path(r["csv"]).is_file() for r in abl.rows)
+    metrics = json.loads((tmp_path / "ablation" / "metrics.json").read_text())
+    assert metrics["oof/single"] == rows[0]["oof_miou"] and "public/single" not in metrics
+    assert "+ pseudo-label round 1" in (tmp_path / "ablation" / "ablation.md").read_text()
 
 
 def test_training_lowers_loss_and_resume_is_exact(tmp_path):
