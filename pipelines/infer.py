@@ -97,7 +97,9 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     masks = read_masks([by_name[n] for n in all_oof], OUT_SIZE)
     row_of = {n: i for i, n in enumerate(all_oof)}
     groups = sorted({m.group for m in members})
-    configs = {m.name: torch.load(m.checkpoint, map_location="cpu", weights_only=False)["config"] for m in members}
+    # mmap: only the config is read here, not every member's weights
+    configs = {m.name: torch.load(m.checkpoint, map_location="cpu", weights_only=False, mmap=True)["config"]
+               for m in members}
     native = sw.image_size if sw.enabled else max(c["input_size"] for c in configs.values())
 
     # the single-model rows: per model, its first seed's best checkpoints (one per fold); the test row is one network

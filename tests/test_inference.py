@@ -331,9 +331,9 @@ def test_pseudo_stage_writes_labels_and_provenance_from_stored_probabilities(tmp
 
 
 # ------------------------------------------------------------------------------------------------ the infer stage
-def _fake_members(root: Path, vdir: Path, sizes: dict[str, int]) -> None:
+def _fake_members(root: Path, vdir: Path, sizes: dict[str, int], top_k: bool = True) -> None:
     """Untrained members as the train stage lays them out: best.pt with its resolved config, oof.npz names,
-    metrics.json, and one kept epoch (top_k/top-e001.pt) beside best.pt (epoch 2)."""
+    metrics.json, and (top_k) one kept epoch (top_k/top-e001.pt) beside best.pt (epoch 2)."""
     from pipelines.split import run as split_run
     from segpipe.config import SplitParams
     split_run(SplitParams(n_folds=2, seed=0, group_by="batch"), vdir, root / "split")
@@ -343,7 +343,7 @@ def _fake_members(root: Path, vdir: Path, sizes: dict[str, int]) -> None:
         for fold in (0, 1):
             d = root / "members" / f"{model}-s0-f{fold}"
             (d / "top_k").mkdir(parents=True)
-            for i, name in enumerate(("best.pt", "top_k/top-e001.pt")):
+            for i, name in enumerate(("best.pt", "top_k/top-e001.pt")[:2 if top_k else 1]):
                 torch.manual_seed(fold * 10 + i)
                 net = build_model(arch, "resnet18", 3)
                 cfg = {"model": {"arch": arch, "encoder": "resnet18"}, "num_classes": 3, "input_size": size,
@@ -359,7 +359,7 @@ def test_infer_stage_hard_votes_members_of_two_sizes_with_kept_epochs(tmp_path):
     from tests.test_training_chain import DATA, make_tiny
     vdir = make_tiny(tmp_path)
     _fake_members(tmp_path, vdir, {"unet_a": 32, "fpn_b": 64})
-    params = InferParams(tta=("hflip", "rot90"), batch_size=4, members="top_k", voting="hard")
+    params = InferParams(tta=("rot90",), batch_size=8, members="top_k", voting="hard")
     res = infer.run(DATA, params, vdir, tmp_path / "members", tmp_path / "infer" / "r0", round_=0)
     out = tmp_path / "infer" / "r0"
     report = json.loads((out / "report.json").read_text())
@@ -383,9 +383,9 @@ def test_infer_stage_sliding_window_over_larger_images(tmp_path):
     from pipelines import infer
     from tests.test_training_chain import DATA, make_tiny
     vdir = make_tiny(tmp_path)
-    _fake_members(tmp_path, vdir, {"unet_a": 32})
-    params = InferParams(tta=(), batch_size=4, ablation=False,
-                         sliding_window=SlidingWindowParams(enabled=True, image_size=64, overlap=0.5))
+    _fake_members(tmp_path, vdir, {"unet_a": 32}, top_k=False)
+    params = InferParams(tta=(), batch_size=8, ablation=False,
+                         sliding_window=SlidingWindowParams(enabled=True, image_size=64, overlap=0.25))
     infer.run(DATA, params, vdir, tmp_path / "members", tmp_path / "infer" / "r0", round_=0)
     out = tmp_path / "infer" / "r0"
     assert np.load(out / "members" / "unet_a-s0-f0" / "test.npy").shape == (4, 3, 64, 64)   # windows of 32 on 64
