@@ -89,22 +89,31 @@ def resolved_config(params: TrainParams, model: str, seed: int, fold: int, class
             "inputs": inputs, "code": code_version(), "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
 
 
-class CheckpointMirror:
+class _ContentKeyed:
+    """State in the S3 store under `<root>/<task>/<content digest>/`, the root named by the environment variable
+    `ENV` (set by the flow's train task; unset = off): any run with the same inputs finds it."""
+
+    ENV = ""
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        self.store, self.prefix = store, prefix.strip("/")
+
+    @classmethod
+    def from_env(cls, key: str, config: dict):
+        root = os.environ.get(cls.ENV)
+        if not root:
+            return None
+        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
+
+
+class CheckpointMirror(_ContentKeyed):
     """Mirror last.pt to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
 
     Keys are content-addressed (`<prefix>/<task>/<config hash>/last-eNNNN.pt`): any later run with the same
     data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept.
     """
 
-    def __init__(self, store: ArtifactStore, prefix: str):
-        self.store, self.prefix = store, prefix.strip("/")
-
-    @classmethod
-    def from_env(cls, key: str, config: dict) -> "CheckpointMirror | None":
-        root = os.environ.get(CHECKPOINT_ENV)
-        if not root:
-            return None
-        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
+    ENV = CHECKPOINT_ENV
 
     def _keys(self) -> list[str]:
         return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
@@ -137,19 +146,11 @@ class CheckpointMirror:
             self.store.delete(key)
 
 
-class ResultCache:
+class ResultCache(_ContentKeyed):
     """Finished members stored under `<prefix>/<task>/<content digest>/`: data hashes, every train param and the
     code version. A task whose digest is there is served from the store instead of training again."""
 
-    def __init__(self, store: ArtifactStore, prefix: str):
-        self.store, self.prefix = store, prefix.strip("/")
-
-    @classmethod
-    def from_env(cls, key: str, config: dict) -> "ResultCache | None":
-        root = os.environ.get(RESULT_ENV)
-        if not root:
-            return None
-        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
+    ENV = RESULT_ENV
 
     def fetch(self, out_dir: Path) -> bool:
         """Download a complete stored result into out_dir (atomically); False if there is none or it is damaged."""
