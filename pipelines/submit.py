@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipelines.common import write_json
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
 from segpipe.leaderboard import LeaderboardClient, LeaderboardError, Submission
 from segpipe.submission import lint_submission, write_submission
@@ -67,21 +67,6 @@ class Decision:
     reason: str
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + fsync + os.replace): a crash never leaves half a ledger."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _update_json(path: Path, default, change: Callable):
     """Read-modify-write `path` under an exclusive lock, so two runs finishing together both keep their entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +74,7 @@ def _update_json(path: Path, default, change: Callable):
         fcntl.flock(lock, fcntl.LOCK_EX)
         obj = json.loads(path.read_text()) if path.is_file() else default
         obj = change(obj)
-        _write_json(path, obj)
+        write_json(path, obj)
     return obj
 
 
@@ -199,8 +184,8 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
                 oof_miou=_finite(oof_miou), reason=decision.reason)
     if not decision.submit:
         result = SubmitResult(status="dry-run", **base)
-        _write_json(out_dir / "result.json", asdict(result))
-        _write_json(out_dir / "history.json", history)
+        write_json(out_dir / "result.json", asdict(result))
+        write_json(out_dir / "history.json", history)
         return result
     if not key:
         raise SubmitFailed(f"{KEY_ENV} is not set; export your leaderboard key or use submit.mode=dry-run")
@@ -235,8 +220,8 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
     result = SubmitResult(
         status=sub.status, submission_id=sub.id, local_id=sub.local_id, public_score=sub.public_score,
         public_per_class=sub.public_per_class, reused=reused, error=sub.error, **base)
-    _write_json(out_dir / "result.json", asdict(result))
-    _write_json(out_dir / "history.json", history)
+    write_json(out_dir / "result.json", asdict(result))
+    write_json(out_dir / "history.json", history)
     if sub.status == "failed":
         raise SubmitFailed(f"leaderboard rejected submission {sub.id}: {sub.error}")
     return result
