@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -22,6 +23,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_block(n: int) -> int:
+    """First of n consecutive free ports whose +10000 twins are free too (SeaweedFS's gRPC ports)."""
+    while True:
+        base = random.randrange(20000, 45000)
+        if all(_bindable(p) and _bindable(p + 10000) for p in range(base, base + n)):
+            return base
 
 
 def _weed_binary() -> str:

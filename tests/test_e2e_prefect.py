@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,28 +13,17 @@ import requests
 
 from segpipe import stack
 from segpipe.storage import ArtifactStore, S3Config
+from tests.conftest import free_port_block
 from tests.tiny import copy_project, shrink_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 BIN = Path(sys.executable).parent
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def free_stack_ports() -> dict[str, int]:
     """s3 + weed's internal block (and their +10000 gRPC twins), Prefect, leaderboard."""
-    while True:
-        base = random.randrange(20000, 45000)
-        block = [base + i for i in range(11)]
-        if all(_free(p) and _free(p + 10000) for p in block):
-            return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
+    base = free_port_block(11)
+    return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:

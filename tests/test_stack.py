@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import stat
 import subprocess
@@ -16,28 +15,17 @@ import pytest
 
 from segpipe import cli, stack
 from segpipe.storage import ArtifactStore, S3Config
+from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.services
 
 SERVICES = ["s3", "prefect", "worker"]   # the leaderboard server is tested with its own module
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _free_ports() -> dict[str, int]:
     """s3 + weed's 7 internal ports (consecutive) and their +10000 gRPC twins, and a Prefect port."""
-    while True:
-        base = random.randrange(20000, 45000)
-        block = [base + i for i in range(10)]
-        if all(_free(p) and _free(p + 10000) for p in block):
-            return {"s3": base, "prefect": base + 9}
+    base = free_port_block(10)
+    return {"s3": base, "prefect": base + 9}
 
 
 @pytest.fixture(scope="module")
