@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
@@ -27,13 +28,16 @@ def run_id() -> str:
 
 
 @flow(name="full-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "") -> dict:
-    """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/."""
+def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "", profile: str = "") -> dict:
+    """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/.
+
+    `profile` (e.g. quick) picks an entry of params.yaml's `profiles` for this run; empty: the file's own."""
     log = get_run_logger()
-    p = load_all(Path(params_file))
     rid = run_name or run_id()
     run_dir = Path("runs") / rid
     prefix = f"runs/{rid}"
+    params_file = str(with_profile(Path(params_file), profile, run_dir))
+    p = load_all(Path(params_file))
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
 
@@ -80,12 +84,32 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
 
 
 def infer_round(p: dict, run_dir: Path, prefix: str, round_: int):
-    """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3."""
+    """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3; then the
+    label-noise audit of that ensemble (the next round drops or relabels what it lists)."""
     out = run_dir / "infer" / f"r{round_}"
     result = tasks.infer(p["data"], p["infer"], run_dir / "validate", tasks.members_dir(run_dir, round_), out, round_)
     tasks.upload(out, f"{prefix}/infer/r{round_}")
     publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
+    audit = tasks.audit(p["data"], p["audit"], run_dir / "validate", out, run_dir / "audit" / f"r{round_}")
+    tasks.upload(audit.out_dir, f"{prefix}/audit/r{round_}")
+    create_markdown_artifact(embed_images((audit.out_dir / "report.md").read_text(), audit.out_dir),
+                             key=f"label-noise-audit-r{round_}",
+                             description="training images ranked by their own out-of-fold mIoU, worst first")
     return result
+
+
+def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
+    """params_file itself, or (a profile asked for) a copy under the run with `profile` set: the train tasks'
+    processes read the same file, and the run keeps the params it ran with."""
+    if not profile:
+        return params_file
+    raw = yaml.safe_load(params_file.read_text())
+    if profile not in (raw.get("profiles") or {}):
+        raise ValueError(f"Wrong profile `{profile}`, profiles in {params_file}: {sorted(raw.get('profiles') or {})}")
+    out = run_dir / "params.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump({**raw, "profile": profile}, sort_keys=False))
+    return out
 
 
 def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str,
@@ -135,6 +159,10 @@ def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid:
                        oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
     tasks.upload(run_dir / "submit", f"{prefix}/submit")
     publish_history(run_dir / "submit" / "history.json")
+    cv_lb = run_dir / "submit" / "cv_lb.md"     # OOF vs public over time; warns beyond submit.cv_lb_margin
+    if cv_lb.is_file():
+        create_markdown_artifact(embed_images(cv_lb.read_text(), cv_lb.parent), key="cv-vs-leaderboard",
+                                 description="every submission's OOF mIoU beside its public mIoU, oldest first")
     return {"public_miou": sub.public_score, "submission": sub.submission_id, "submit_status": sub.status,
             "submit_reason": sub.reason}
 

@@ -207,7 +207,6 @@ class CompareParams(Section):
     light: str = "quick"            # the profile whose gains should predict the heavy profile's
     heavy: str = "full"
     metric: str = "artifacts/infer/r0/metrics.json:oof_miou"   # DVC metrics file and key an experiment is scored by
-    cv_lb_margin: float = Field(ge=0, default=0.05)   # warn when |public - OOF mIoU| of a submission exceeds it
 
 
 SubmitPolicy = Literal["always", "if_better", "never"]
@@ -227,6 +226,7 @@ class SubmitParams(Section):
     poll_seconds: float = Field(gt=0, default=2.0)   # score polling interval
     allow_last_slot: bool = False   # the nightly run never spends the day's last slot; keep it for a human
     ledger: str = ".segpipe/submissions.json"   # sha256 -> submission; outside the stage's DVC-wiped out dir
+    cv_lb_margin: float = Field(ge=0, default=0.05)   # warn when a submission's |public - OOF mIoU| exceeds it
     # (the CV-vs-leaderboard history, submission_history.json, lives beside it for the same reason)
 
 
