@@ -174,7 +174,8 @@ def cv_lb_plot(cv: CvLb, margin: float, path: Path) -> None:
     ax.set_xlabel("submission (oldest first)")
     ax.set_ylabel("mIoU")
     ax.set_title("Cross-validation vs leaderboard")
-    ax.legend(fontsize=7, loc="best")
+    if cv.rows:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
