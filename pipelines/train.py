@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pipelines.common import parser, run_main, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
@@ -354,11 +355,19 @@ def main(round_: int = 0) -> None:
     data, params = parse_section(raw, "data", DataParams), parse_section(raw, "train", TrainParams)
     epochs = parse_section(raw, "retrain", RetrainParams).epochs if round_ else None
     out_dir = a.out_root / task_key(a.model, a.seed, a.fold)
-    if a.model not in params.models or a.seed not in params.seeds or a.fold not in params.folds:
+    if _left_out_by_profile(a.params, params, a.model, a.seed, a.fold):
         skip(out_dir, a.curve, raw.get("profile"))
         return
     run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split, out_dir, epochs=epochs,
                          pseudo_dir=a.pseudo, curve=a.curve, audit_dir=a.audit))
+
+
+def _left_out_by_profile(params_file: Path, params: TrainParams, model: str, seed: int, fold: int) -> bool:
+    """In train.* as written (dvc.yaml's matrix) but not in the active profile's: a member to skip. A member in
+    neither (say a fold the split lacks) is not skipped: it runs, and fails naming the cause."""
+    base = (yaml.safe_load(Path(params_file).read_text()) or {}).get("train", {})
+    in_base = model in base.get("models", {}) and seed in base.get("seeds", ()) and fold in base.get("folds", ())
+    return in_base and not (model in params.models and seed in params.seeds and fold in params.folds)
 
 
 def skip(out_dir: Path, curve: Path | None, profile: str | None) -> None:
