@@ -49,7 +49,11 @@ FROM ${CUDA_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git=1:2.43.* ca-certificates=20240203* \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --user-group segpipe
+    && useradd --create-home --uid 10001 --user-group segpipe \
+    && install -d -o 10001 -g 10001 /home/segpipe/project/runs /home/segpipe/.segpipe/s3 \
+        /home/segpipe/.segpipe/prefect /home/segpipe/.segpipe/leaderboard
+# ^ the user's own mount points: an empty named volume takes their owner (docker-compose.yml), and WORKDIR
+#   alone would leave the project folder to root, where the worker could not write runs/
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
