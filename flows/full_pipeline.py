@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import runners, tasks
 from pipelines.validate import ValidateResult
-from segpipe.config import FanoutParams, load_all
+from segpipe.config import load_all
 from segpipe.eda import embed_images
 from segpipe.storage import ArtifactStore, S3Config
 
@@ -35,8 +35,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     """
     log = get_run_logger()
     p = load_all(Path(params_file))
-    if fanout:     # validated like the file: an unknown key fails here, naming it
-        p["fanout"] = FanoutParams.model_validate({**p["fanout"].model_dump(), **fanout})
+    p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     rid = run_name or run_id()
     run_dir = Path("runs") / rid
     prefix = f"runs/{rid}"

@@ -25,6 +25,11 @@ class RayClusterError(RuntimeError):
     """The Ray cluster cannot run the members as asked; the message names the fanout key to change."""
 
 
+def with_overrides(fanout: FanoutParams, overrides: dict | None) -> FanoutParams:
+    """params.yaml's fanout with a run's or deployment's overrides, validated like the file (unknown keys fail)."""
+    return FanoutParams.model_validate({**fanout.model_dump(), **overrides}) if overrides else fanout
+
+
 def task_runner(fanout: FanoutParams) -> TaskRunner:
     """The task runner for the train matrix: threads here, or a connection to the Ray cluster."""
     if fanout.runner == "local":

@@ -1,6 +1,11 @@
 """A real local Ray cluster for the tests: a head node and one extra worker node, each its own `ray start --block`
-process group, CPU only, every port chosen free on 127.0.0.1; stopped by killing exactly those groups (never
-`ray stop`, which would stop every Ray on the machine)."""
+process group, CPU only, every port chosen free; stopped by killing exactly those groups (never `ray stop`, which
+would stop every Ray on the machine).
+
+`--node-ip-address=127.0.0.1` is passed, but Ray 2.60 replaces a loopback node address with the machine's own for a
+multi-node cluster (`resolve_ip_for_localhost`) and its GCS and raylets listen beyond loopback; the only switch that
+keeps Ray on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) refuses a second node. So the cluster lives on random
+ports for the test's couple of minutes only."""
 
 from __future__ import annotations
 
@@ -95,7 +100,8 @@ def start_cluster(cwd: Path, env: dict[str, str], cpus_per_node: int = 1, timeou
             log = open(temp_dir / f"node{i}.log", "wb")
             cluster.procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                   stdin=subprocess.DEVNULL, start_new_session=True))
-            _wait_nodes(cluster, i + 1, timeout)
+            _wait_port(cluster, ports[0], timeout)          # this node's raylet is up
+        _wait_nodes(cluster, len(nodes), timeout)         # and both registered with the head
     except BaseException:
         cluster.stop()
         raise
@@ -113,14 +119,39 @@ def alive_nodes(address: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _check_alive(cluster: RayCluster) -> None:
+    for i, proc in enumerate(cluster.procs):
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray node {i} exited with {proc.returncode}:\n"
+                               + (cluster.temp_dir / f"node{i}.log").read_text(errors="replace")[-3000:])
+
+
+def _host_ip() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _wait_port(cluster: RayCluster, port: int, timeout: float) -> None:
+    """Cheap: a socket, not a driver process (importing ray takes seconds on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_alive(cluster)
+        for host in ("127.0.0.1", _host_ip()):      # Ray may bind the machine's address only (see above)
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex((host, port)) == 0:
+                    return
+        time.sleep(0.3)
+    raise TimeoutError(f"ray node not listening on port {port} after {timeout}s")
+
+
 def _wait_nodes(cluster: RayCluster, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        for i, proc in enumerate(cluster.procs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray node {i} exited with {proc.returncode}:\n"
-                                   + (cluster.temp_dir / f"node{i}.log").read_text(errors="replace")[-3000:])
+        _check_alive(cluster)
         try:
             if len(alive_nodes(cluster.address)) >= n:
                 return

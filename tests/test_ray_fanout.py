@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,30 +83,35 @@ def test_fan_out_on_a_ray_cluster_matches_the_local_runner(tmp_path, s3_env, mon
     s3_env.client().create_bucket(Bucket=ray_bucket)
     node_env = {**os.environ, "SEGPIPE_S3_BUCKET": ray_bucket, "PYTHONPATH": str(REPO)}
     local = FanoutParams(slots_per_gpu=1, cpu_slots=2)
-    cluster = start_cluster(root, node_env, cpus_per_node=1)
+    # the cluster starts while the Prefect server does: both take tens of seconds, mostly waiting
+    starting = ThreadPoolExecutor(1).submit(start_cluster, root, node_env, cpus_per_node=1)
+    cluster = None
     try:
-        nodes = alive_nodes(cluster.address)
-        on_ray = FanoutParams(slots_per_gpu=1, cpu_slots=2, runner="ray", ray_address=cluster.address,
-                              gpus_per_task=0, cpus_per_task=1)
-
         @flow
-        def both():
+        def both(on_ray: FanoutParams):
             a = fan_out("train", MEMBERS, Path("local"), "params.yaml", local, "runs/local")
             b = fan_out("train", MEMBERS, Path("ray"), "params.yaml", on_ray, "runs/ray")
             return a, b
 
         @flow
-        def asks_for_a_gpu():
+        def asks_for_a_gpu(on_ray: FanoutParams):
             return fan_out("train", MEMBERS[:1], Path("ray"), "params.yaml",
                            on_ray.model_copy(update={"gpus_per_task": 1}), "runs/never")
 
         with prefect_test_harness(server_startup_timeout=180):
-            local_out, ray_out = both()
+            cluster = starting.result()
+            nodes = alive_nodes(cluster.address)
+            on_ray = FanoutParams(slots_per_gpu=1, cpu_slots=2, runner="ray", ray_address=cluster.address,
+                                  gpus_per_task=0, cpus_per_task=1)
+            local_out, ray_out = both(on_ray)
             where = _ray_nodes_from_prefect_logs()
             with pytest.raises(RayClusterError, match=r"fanout\.gpus_per_task"):
-                asks_for_a_gpu()
+                asks_for_a_gpu(on_ray)
     finally:
-        cluster.stop()
+        if cluster is None and starting.exception() is None:    # the harness failed while the cluster started
+            cluster = starting.result()
+        if cluster is not None:
+            cluster.stop()
 
     # every member ran as a Ray task on a node of this cluster, and the two spread over both 1-CPU nodes
     assert sorted(where) == ["train-tiny-s0-f0", "train-tiny-s0-f1"], where
