@@ -45,13 +45,13 @@ RUN uv pip install --python /opt/venv/bin/python --no-deps . \
     && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
 FROM ${CUDA_IMAGE}
-# git: DVC reads the repository's history; ca-certificates: HTTPS to S3, the leaderboard and the Hub
+# git: DVC in a mounted checkout reads its history; ca-certificates: HTTPS to S3, the leaderboard and the Hub
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git=1:2.43.* ca-certificates=20240203* \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 --user-group segpipe \
-    && install -d -o 10001 -g 10001 /home/segpipe/project/runs /home/segpipe/.segpipe/s3 \
-        /home/segpipe/.segpipe/prefect /home/segpipe/.segpipe/leaderboard
+    && install -d -o 10001 -g 10001 /home/segpipe/project/runs /home/segpipe/project/data \
+        /home/segpipe/.segpipe/s3 /home/segpipe/.segpipe/prefect /home/segpipe/.segpipe/leaderboard
 # ^ the user's own mount points: an empty named volume takes their owner (docker-compose.yml), and WORKDIR
 #   alone would leave the project folder to root, where the worker could not write runs/
 COPY --from=build /opt/python /opt/python
@@ -63,4 +63,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/segpipe/project
 COPY --chown=10001:10001 . .
 USER 10001:10001
+# the image carries no git history (.dockerignore), so DVC runs without SCM; a mounted checkout has its own config
+RUN printf '[core]\n    no_scm = true\n' > .dvc/config.local
 CMD ["prefect", "worker", "start", "--pool", "segpipe", "--type", "process"]

@@ -423,6 +423,25 @@ def _configure_dvc(cwd: Path, env: dict[str, str]) -> bool:
     return True
 
 
+def write_credentials(home: Path | str | None = None, ports: dict[str, int] | None = None) -> Path:
+    """`<home>/credentials.env` without starting anything (docker compose's env file): secrets kept, URLs refreshed."""
+    home = stack_home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    _write_credentials(home, resolve_ports(ports))
+    return home / "credentials.env"
+
+
+def configure_dvc_from_env(cwd: Path | str | None = None, env: dict | None = None) -> bool:
+    """Point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's credentials (a container's worker)."""
+    env = os.environ if env is None else env
+    missing = [k for k in ("SEGPIPE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env.get(k)]
+    if missing:
+        raise StackError(f"cannot configure the DVC remote: {', '.join(missing)} not set (docker compose passes "
+                         "them from .segpipe/credentials.env)")
+    return _configure_dvc(Path(cwd or Path.cwd()).resolve(), env)
+
+
 # ---- the API --------------------------------------------------------------------------------------
 
 def _running(name: str, rec: dict | None, ports: dict[str, int]) -> bool:
