@@ -36,10 +36,9 @@ def task_runner(fanout: FanoutParams) -> TaskRunner:
         return ThreadPoolTaskRunner(max_workers=LOCAL_THREADS)
     if fanout.runner == "ray":
         from prefect_ray import RayTaskRunner
-        # the namespace keeps segpipe's tasks apart from other jobs' in the Ray dashboard; no runtime_env: the
-        # nodes run the same image (or checkout) from the same project directory, with their own credentials
-        # "" means the cluster already running on this machine: address="auto" fails if there is none, where a
-        # bare ray.init() would quietly start a private one-node cluster
+        # no runtime_env: the nodes run the same image (or checkout) from the same project folder, with their own
+        # credentials. ray_address "" is the cluster already running on this machine: address="auto" fails if
+        # there is none, where a bare ray.init() would quietly start a private one-node cluster
         return RayTaskRunner(address=fanout.ray_address or None,
                              init_kwargs={"namespace": "segpipe", "log_to_driver": False,
                                           **({} if fanout.ray_address else {"address": "auto"})})
@@ -90,7 +89,7 @@ def ray_lease(fanout: FanoutParams) -> Lease:
     cpus = max(1, int(fanout.cpus_per_task))
     env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus),
            # pipelines.train gives itself cpu_count // SEGPIPE_PARALLEL_TASKS threads: cpus_per_task of them here
-           "SEGPIPE_PARALLEL_TASKS": str(max(1, (os.cpu_count() or 1) // cpus)),
-           "SEGPIPE_RAY_NODE_ID": ctx.get_node_id()}
+           "SEGPIPE_PARALLEL_TASKS": str(max(1, (os.cpu_count() or 1) // cpus))}
     get_run_logger().info("on ray node %s, GPUs %s <fanout.runner=ray>", ctx.get_node_id(), gpus or "none")
-    return Lease(int(gpus[0]) if gpus else None, 0, env)
+    # the index is for the log line only (Ray may name GPUs by UUID); the process sees just its own
+    return Lease((int(gpus[0]) if gpus[0].isdigit() else 0) if gpus else None, 0, env)
