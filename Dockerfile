@@ -1,9 +1,11 @@
 # segpipe image: runs a Prefect worker (the default command), `dvc repro`, or the tests.
 #
 #   docker build -t segpipe:dev .
-#   docker run --gpus all --env-file .segpipe/credentials.env segpipe:dev                 # a worker of pool `segpipe`
-#   docker run --gpus all --env-file .segpipe/credentials.env -v "$PWD:/home/segpipe/project" segpipe:dev dvc repro
+#   docker run --gpus all --network host --env-file .segpipe/credentials.env segpipe:dev   # a worker for `stack up`
+#   docker run --gpus all --network host --env-file .segpipe/credentials.env --user "$(id -u):$(id -g)" \
+#       -v "$PWD:/home/segpipe/project" segpipe:dev dvc repro                           # in this checkout
 #   docker run segpipe:dev python -m pytest -m "not slow"
+# (docker-compose.yml runs the whole stack in containers instead.)
 #
 # Why a CUDA base when the pinned torch wheel already ships its CUDA 13.0 user-space libraries
 # (nvidia-cublas, nvidia-cudnn-cu13, ... in requirements.lock)?
@@ -13,7 +15,8 @@
 #    clear message, instead of torch failing later with "CUDA driver version is insufficient".
 #  - the image carries the cuda-compat forward-compatibility libraries (/usr/local/cuda/compat), which let a
 #    data-centre GPU on an older long-term-support driver run CUDA 13 code.
-#  - it keeps libnvjpeg and the CUDA runtime at the system path for GPU JPEG decoding (torchvision.io).
+#  - the CUDA runtime libraries sit at the system path (libnvjpeg among them) for anything that does not load
+#    them from the wheels.
 # To stay small it is the plain `runtime` flavour, not `cudnn-runtime`: cuDNN comes with torch
 # (nvidia-cudnn-cu13), and a second copy would add about a gigabyte. The CUDA minor version matches the
 # wheels' (nvidia-cuda-runtime 13.0.x).
