@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train bench-infer clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train bench-infer check-containers clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -64,6 +64,10 @@ bench-train: setup                        ## training img/s: plain loop vs tuned
 
 bench-infer: setup                        ## inference img/s: bare model(x) vs predict_probs with 1, 2, 4 flip views (GPU if present)
 	$(BIN)/python scripts/bench_infer.py
+
+check-containers: setup                   ## static checks only (no Docker engine here): hadolint, compose-spec schema
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 clean:
 	rm -rf runs artifacts

@@ -13,7 +13,7 @@ from prefect.futures import wait
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import tasks
+from flows import runners, tasks
 from pipelines.validate import ValidateResult
 from segpipe.config import load_all
 from segpipe.eda import embed_images
@@ -27,10 +27,15 @@ def run_id() -> str:
 
 
 @flow(name="full-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "") -> dict:
-    """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/."""
+def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "",
+                  fanout: dict | None = None) -> dict:
+    """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/.
+
+    `fanout` overrides keys of params.yaml's fanout section for this run (a deployment's `{"runner": "ray"}`).
+    """
     log = get_run_logger()
     p = load_all(Path(params_file))
+    p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     rid = run_name or run_id()
     run_dir = Path("runs") / rid
     prefix = f"runs/{rid}"
@@ -90,8 +95,20 @@ def infer_round(p: dict, run_dir: Path, prefix: str, round_: int):
 
 def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str,
             round_: int = 0) -> list[Path]:
-    """Launch every (model, seed, fold) at once; the device leases decide how many really run together."""
-    futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout, round_) for m, s, f in matrix]
+    """The train matrix as a subflow whose task runner `fanout.runner` picks now: local threads or a Ray cluster."""
+    # absolute paths: a Ray worker's working directory is not the flow's (nodes share the project path instead)
+    run_dir, params_file = Path(run_dir).absolute(), str(Path(params_file).absolute())
+    return train_matrix.with_options(task_runner=runners.task_runner(fanout))(
+        stage, matrix, run_dir, params_file, fanout, prefix, round_)
+
+
+@flow(name="train-matrix", flow_run_name="{stage}-r{round_}")
+def train_matrix(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout,
+                 prefix: str, round_: int = 0) -> list[Path]:
+    """Launch every (model, seed, fold) at once; the device leases (or Ray) decide how many really run together."""
+    runners.check_cluster(fanout)
+    with runners.member_options(fanout):
+        futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout, round_) for m, s, f in matrix]
     # each member uploads as soon as it finishes, while the others still train
     key_root = tasks.members_dir(Path(prefix), round_)
     uploads = [tasks.upload.submit(fut, f"{key_root}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]

@@ -17,9 +17,9 @@ import pipelines.pseudo
 import pipelines.split
 import pipelines.submit
 import pipelines.validate
+from flows import runners
 from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
-from segpipe.gpu import lease
 from segpipe.storage import ArtifactStore, S3Config
 
 LEASE_DIR = Path(".segpipe/leases")
@@ -96,7 +96,7 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
            "--out-root", str(out_root)]
     if round_:
         cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}")]
-    with lease(LEASE_DIR, fanout.slots_per_gpu, fanout.cpu_slots) as held:
+    with runners.device_lease(fanout, LEASE_DIR) as held:    # a file lease here, or what Ray reserved
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
         tail: deque[str] = deque(maxlen=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -19,7 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     st_sub = st.add_subparsers(dest="action", required=True)
     for action, help_ in (("up", "start the missing services (idempotent)"),
                           ("down", "stop the services `up` started; data is kept"),
-                          ("status", "show each service, its state, URL and pid")):
+                          ("status", "show each service, its state, URL and pid"),
+                          ("credentials", "write <home>/credentials.env without starting anything (docker compose)"),
+                          ("dvc-remote", "point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's "
+                                         "credentials (a container's worker)")):
         a = st_sub.add_parser(action, help=help_)
         a.add_argument("--home", help="stack home (default: $SEGPIPE_HOME or ./.segpipe)")
         if action == "up":
@@ -82,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             print(stack.format_status(st))
             home = stack.stack_home(args.home)
             print(f"\nup in {time.monotonic() - t0:.0f}s; credentials: source {home / 'credentials.env'}")
+        elif args.action == "credentials":
+            print(f"credentials: {stack.write_credentials(args.home)}")
+        elif args.action == "dvc-remote":
+            stack.configure_dvc_from_env()
+            print(f"dvc remote {stack.DVC_REMOTE}: {os.environ['SEGPIPE_S3_ENDPOINT']}")
         elif args.action == "down":
             stopped = stack.down(args.home)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

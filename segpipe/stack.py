@@ -245,17 +245,51 @@ def _ensure_free(service: str, ports: dict[str, int]) -> None:
 
 # ---- the services --------------------------------------------------------------------------------
 
-def _prefect_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
-    prefect_home = home / "prefect"
-    prefect_home.mkdir(exist_ok=True)
-    api = f"http://{HOST}:{ports['prefect']}/api"
+def prefect_env(prefect_home: Path, api_url: str) -> dict[str, str]:
+    """What the Prefect server, the worker and `prefect` commands need: one home, one SQLite file, no analytics."""
     return {
         "PREFECT_HOME": str(prefect_home),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+
+
+def _prefect_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
+    prefect_home = home / "prefect"
+    prefect_home.mkdir(exist_ok=True)
+    return prefect_env(prefect_home, f"http://{HOST}:{ports['prefect']}/api")
+
+
+# The services' command lines, shared with docker-compose.yml (tests/test_compose.py holds them equal).
+
+def weed_command(weed: str, data_dir: Path | str, ports: dict[str, int], *, ip: str = HOST, bind: str = HOST,
+                 s3_config: Path | str | None = None) -> list[str]:
+    """`weed mini` with every internal port explicit (bound to one address they collide otherwise)."""
+    return [weed, "mini", f"-dir={data_dir}", f"-ip={ip}", f"-ip.bind={bind}", f"-s3.port={ports['s3']}",
+            *([f"-s3.config={s3_config}"] if s3_config else []),
+            *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
+
+
+def prefect_server_command(prefect: str, host: str, port: int) -> list[str]:
+    return [prefect, "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
+
+
+def worker_command(prefect: str, name: str) -> list[str]:
+    return [prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", str(WORKER_LIMIT),
+            "--name", name]
+
+
+def leaderboard_command(python: str, host: str, port: int, labels: Path | str, state_dir: Path | str) -> list[str]:
+    return [python, "-m", "segpipe.leaderboard", "serve", "--host", host, "--port", str(port),
+            "--labels", str(labels), "--state-dir", str(state_dir)]
+
+
+def leaderboard_env(env: dict[str, str]) -> dict[str, str]:
+    """The team's key, and the ablation key on its own daily limit."""
+    return {"SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"],
+            "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{env['SEGPIPE_LEADERBOARD_ABLATION_KEY']}:{ABLATION_DAILY_LIMIT}"}
 
 
 def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
@@ -269,9 +303,7 @@ def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path)
                                                  "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     _atomic_text(root / "s3.json", json.dumps(identity), mode=0o600)
-    cmd = [_bin("weed"), "mini", f"-dir={root / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-           f"-s3.port={ports['s3']}", f"-s3.config={root / 's3.json'}",
-           *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
+    cmd = weed_command(_bin("weed"), root / "data", ports, s3_config=root / "s3.json")
     rec = _spawn(home, "s3", cmd, dict(os.environ), cwd)
     _wait("s3", rec, lambda: _port_open(ports["s3"]), START_TIMEOUT["s3"])
     return rec
@@ -292,7 +324,7 @@ def _prefect_healthy(port: int) -> bool:
 def _start_prefect(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
     _ensure_free("prefect", {"prefect": ports["prefect"]})
     penv = {**os.environ, **_prefect_env(home, ports)}
-    cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"]), "--analytics-off"]
+    cmd = prefect_server_command(_bin("prefect"), HOST, ports["prefect"])
     rec = _spawn(home, "prefect", cmd, penv, cwd)
     _wait("prefect", rec, lambda: _prefect_healthy(ports["prefect"]), START_TIMEOUT["prefect"])
     return rec
@@ -330,8 +362,7 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
     # whether or not the shell that ran `stack up` had the virtualenv activated
     wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])
-    cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-           "--limit", str(WORKER_LIMIT), "--name", name]
+    cmd = worker_command(_bin("prefect"), name)
     rec = _spawn(home, "worker", cmd, wenv, cwd)
     _wait("worker", rec, lambda: _worker_online(ports, name), START_TIMEOUT["worker"])
     return rec
@@ -361,11 +392,9 @@ def _start_leaderboard(home: Path, ports: dict[str, int], env: dict[str, str], c
                     labels_dir)
     state_dir = home / "leaderboard"
     state_dir.mkdir(exist_ok=True)
-    lenv = {**os.environ, **env, "SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"],
-            "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{env['SEGPIPE_LEADERBOARD_ABLATION_KEY']}:{ABLATION_DAILY_LIMIT}"}
+    lenv = {**os.environ, **env, **leaderboard_env(env)}
     lenv.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", HOST, "--port", str(ports["leaderboard"]),
-           "--labels", str(labels_dir), "--state-dir", str(state_dir)]
+    cmd = leaderboard_command(sys.executable, HOST, ports["leaderboard"], labels_dir, state_dir)
     rec = _spawn(home, "leaderboard", cmd, lenv, cwd)
     _wait("leaderboard", rec, lambda: _port_open(ports["leaderboard"]), START_TIMEOUT["leaderboard"])
     return rec
@@ -392,6 +421,25 @@ def _configure_dvc(cwd: Path, env: dict[str, str]) -> bool:
                           ("secret_access_key", env["AWS_SECRET_ACCESS_KEY"])):
         run("remote", "modify", "--local", DVC_REMOTE, option, value)
     return True
+
+
+def write_credentials(home: Path | str | None = None, ports: dict[str, int] | None = None) -> Path:
+    """`<home>/credentials.env` without starting anything (docker compose's env file): secrets kept, URLs refreshed."""
+    home = stack_home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    _write_credentials(home, resolve_ports(ports))
+    return home / "credentials.env"
+
+
+def configure_dvc_from_env(cwd: Path | str | None = None, env: dict | None = None) -> bool:
+    """Point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's credentials (a container's worker)."""
+    env = os.environ if env is None else env
+    missing = [k for k in ("SEGPIPE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env.get(k)]
+    if missing:
+        raise StackError(f"cannot configure the DVC remote: {', '.join(missing)} not set (docker compose passes "
+                         "them from .segpipe/credentials.env)")
+    return _configure_dvc(Path(cwd or Path.cwd()).resolve(), env)
 
 
 # ---- the API --------------------------------------------------------------------------------------
