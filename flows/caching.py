@@ -31,13 +31,19 @@ from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, Stora
 RESULTS_PREFIX = "prefect-results"
 
 
+RESULTS_BLOCK = "segpipe-results"
+
+
 def result_storage(cfg: S3Config) -> RemoteFileSystem:
-    """Prefect result storage in the artifact bucket (s3fs). Only the endpoint is in the block's settings: the
-    credentials come from the worker's environment (AWS_ACCESS_KEY_ID/...), so none is ever stored in Prefect."""
+    """Prefect result storage in the artifact bucket (s3fs), saved as the block `segpipe-results` (Prefect wants
+    result storage persisted server-side). Only the endpoint and region are in the block: the credentials come
+    from the worker's environment (AWS_ACCESS_KEY_ID/...), so none is ever stored in Prefect."""
     settings: dict = {"client_kwargs": {"region_name": cfg.region}}
     if cfg.endpoint_url:
         settings["client_kwargs"]["endpoint_url"] = cfg.endpoint_url
-    return RemoteFileSystem(basepath=f"s3://{cfg.bucket}/{RESULTS_PREFIX}", settings=settings)
+    block = RemoteFileSystem(basepath=f"s3://{cfg.bucket}/{RESULTS_PREFIX}", settings=settings)
+    block.save(RESULTS_BLOCK, overwrite=True)
+    return block
 
 
 @dataclass(frozen=True)
