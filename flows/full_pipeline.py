@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ import pipelines.validate
 from flows import tasks
 from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, publish_run_links, rename_flow_run
-from pipelines.common import TIMING_ENV, write_json
+from pipelines.common import TIMING_ENV, record_timing, write_json
 from pipelines.contentkey import StageKeys
 from pipelines.validate import ValidateResult
 from segpipe.config import load_all
@@ -179,10 +180,12 @@ def publish_markdown(path: Path, key: str) -> None:
 def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
     """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
     # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
+    t0 = time.time()
     sub = tasks.submit(p["submit"], p["data"], infer_dir, run_dir / "submit",
                        hyperparameters={k: p[k].model_dump(mode="json")
                                         for k in ("train", "retrain", "infer", "pseudo")},
                        oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
+    record_timing("work", "submit", t0, time.time())
     tasks.upload(run_dir / "submit", f"{prefix}/submit")     # never cached: the policy and the leaderboard decide
     publish_history(run_dir / "submit" / "history.json")
     return {"public_miou": sub.public_score, "submission": sub.submission_id, "submit_status": sub.status,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,18 @@ WEBHOOK_BLOCK = "segpipe-alerts"
 WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"
 # library loggers whose records go to the Prefect run log (set in the worker's environment and prefect.yaml)
 EXTRA_LOGGERS = "segpipe,pipelines"
+
+
+def library_logs_at(level: int = logging.INFO) -> None:
+    """Prefect gives PREFECT_LOGGING_EXTRA_LOGGERS its API handler but not a level, and they inherit the root's
+    WARNING: without this the stages' INFO lines (`skipping TTA <infer.tta=[]>`) never reach the run log."""
+    for name in EXTRA_LOGGERS.split(","):
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET or lg.level > level:
+            lg.setLevel(level)
+
+
+library_logs_at()
 
 
 def _name(version: str, params_hash: str) -> str:
