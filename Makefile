@@ -68,5 +68,8 @@ bench-train: setup                        ## training img/s: plain loop vs tuned
 bench-infer: setup                        ## inference img/s: bare model(x) vs predict_probs with 1, 2, 4 flip views (GPU if present)
 	$(BIN)/python scripts/bench_infer.py
 
+bench-overhead: setup                     ## share of a full flow run outside the stages' work, and a "nothing changed" run
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m scripts.bench_overhead
+
 clean:
 	rm -rf runs artifacts
