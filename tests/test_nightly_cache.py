@@ -103,3 +103,29 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
         ran = {r["label"] for r in third["stages"] if not r["cached"]}
         assert ran == {"infer-r0", "ablation"}, third["stages"]
         assert (Path("runs") / third["run"] / "train/fpn_mbv2-s0-f0/best.pt").is_file()
+
+
+@pytest.mark.services
+def test_two_runs_storing_one_member_never_mix_their_files(tmp_path, s3_env):
+    """A nightly and a manual run that trained the same member at once: the stored result is one run's copy whole."""
+    from pipelines.train import ResultCache
+
+    prefix = f"results-race-{tmp_path.name}/m-s0-f0/abc"
+    outs = []
+    for run in ("nightly", "manual"):
+        out = tmp_path / run / "m-s0-f0"
+        out.mkdir(parents=True)
+        (out / "best.pt").write_text(f"weights of {run}")
+        (out / "metrics.json").write_text(f'{{"run": "{run}"}}')
+        outs.append(out)
+    store = ArtifactStore(s3_env)
+    first, second = ResultCache(store, prefix), ResultCache(store, prefix)
+    first.store_result(outs[0])
+    second.store_result(outs[1])                    # finished later: keeps the first copy, removes its own
+    copies = {k.split("/")[-2] for k in store.list(f"{prefix}/") if not k.endswith("/DONE")}
+    assert len(copies) == 1
+    fetched = tmp_path / "fetched" / "m-s0-f0"
+    assert ResultCache(store, prefix).fetch(fetched)
+    assert (fetched / "best.pt").read_text() == "weights of nightly"
+    assert json.loads((fetched / "metrics.json").read_text())["run"] == "nightly"
+    assert sorted(p.name for p in fetched.iterdir()) == ["best.pt", "metrics.json"]
