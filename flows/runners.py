@@ -45,6 +45,17 @@ def task_runner(fanout: FanoutParams) -> TaskRunner:
     raise KeyError(f"Wrong fanout.runner `{fanout.runner}`, supported runners: {list(RUNNERS)}")
 
 
+@contextmanager
+def matrix_runner(fanout: FanoutParams) -> Iterator[TaskRunner | None]:
+    """None under `local` (the flow's own threads run the members, the device leases decide how many train at
+    once), or a started connection to the Ray cluster under `ray`, closed once the matrix is done."""
+    if fanout.runner == "local":
+        yield None
+        return
+    with task_runner(fanout) as runner:
+        yield runner
+
+
 def member_options(fanout: FanoutParams):
     """What each member asks of the scheduler: Ray resources under `ray`, nothing (the leases decide) under local."""
     if fanout.runner != "ray":

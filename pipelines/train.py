@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
-from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config
+from segpipe.storage import ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError
 
 
 log = logging.getLogger("pipelines.train")
@@ -157,24 +158,39 @@ class ResultCache(_ContentKeyed):
         keys = self.store.list(f"{self.prefix}/")
         if f"{self.prefix}/DONE" not in keys:        # written last: a result without it is partial
             return False
+        # DONE names the copy that was stored first (empty: an older result, files directly under the prefix)
+        copy = self.store.get_bytes(f"{self.prefix}/DONE").decode().strip()
         tmp = out_dir.with_name(f".{out_dir.name}.fetch")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.store.download_dir(self.prefix, tmp)
+            self.store.download_dir(f"{self.prefix}/{copy}" if copy else self.prefix, tmp)
         except CorruptArtifactError as e:
             log.warning("%s; training again", e)
             for k in keys:
                 self.store.delete(k)
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        (tmp / "DONE").unlink()
+        except StorageError as e:                   # DONE names a copy that is gone: drop the marker, train again
+            log.warning("%s; training again", e)
+            self.store.delete(f"{self.prefix}/DONE")
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        (tmp / "DONE").unlink(missing_ok=True)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
         return True
 
     def store_result(self, out_dir: Path) -> None:
-        self.store.upload_dir(out_dir, self.prefix, overwrite=True)
-        self.store.put_bytes(b"", f"{self.prefix}/DONE", overwrite=True)
+        """Upload under a copy of its own, then claim DONE with a conditional write: two runs that trained the
+        same member at once never mix their files; the first to finish is the stored result."""
+        copy = uuid.uuid4().hex[:12]
+        self.store.upload_dir(out_dir, f"{self.prefix}/{copy}")
+        try:
+            self.store.put_bytes(copy.encode(), f"{self.prefix}/DONE")
+        except ArtifactExistsError:
+            log.info("%s: another run stored this result first; keeping its copy", self.store.url(self.prefix))
+            for k in self.store.list(f"{self.prefix}/{copy}/"):
+                self.store.delete(k)
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="first of 7 consecutive SeaweedFS internal ports (env SEGPIPE_WEED_BASE_PORT, "
                                 "default s3 port + 1; each also uses port + 10000 for gRPC)")
             a.add_argument("--labels", help="hidden test labels for the leaderboard (default: data.hidden_labels)")
+            a.add_argument("--alert-webhook", help="URL that failed or crashed flow runs are posted to "
+                                                   f"(default ${stack.ALERT_WEBHOOK_ENV}; none: no notification)")
     sub.add_parser("leaderboard", help="the leaderboard client/server (segpipe leaderboard --help)", add_help=False)
     w = sub.add_parser("weights", help="pretrained encoder weights kept in the S3 store (fetched once)")
     w_sub = w.add_subparsers(dest="action", required=True)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                      "weed_base": args.weed_base_port}
             t0 = time.monotonic()
             st = stack.up(args.home, {k: v for k, v in ports.items() if v}, [s.strip() for s in services],
-                          labels=args.labels)
+                          labels=args.labels, alert_webhook=args.alert_webhook)
             print(stack.format_status(st))
             home = stack.stack_home(args.home)
             print(f"\nup in {time.monotonic() - t0:.0f}s; credentials: source {home / 'credentials.env'}")

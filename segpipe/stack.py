@@ -49,6 +49,10 @@ DVC_REMOTE_URL = "s3://dvc/segpipe"
 # the ablation key's daily limit on the local leaderboard: ~6 rows a run, so a dozen runs a day still fit
 ABLATION_DAILY_LIMIT = 100
 START_TIMEOUT = {"s3": 60.0, "prefect": 150.0, "worker": 90.0, "leaderboard": 60.0}
+# every flow run the worker starts: a heartbeat every 30 s (Prefect's minimum; its default is 180 s), which the
+# zombie-run automation watches, and the library's loggers in the Prefect run log
+FLOW_RUN_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_LOGGING_EXTRA_LOGGERS": "segpipe,pipelines"}
+ALERT_WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"   # where failed/crashed runs are posted (none: no notification)
 
 
 class StackError(RuntimeError):
@@ -358,7 +362,7 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     _ensure_work_pool(home, ports, cwd)
     name = f"segpipe-{socket.gethostname()}-{ports['prefect']}"
     # flow runs inherit this environment: that is how they get the S3 credentials, not via parameters
-    wenv = {**os.environ, **env, **_prefect_env(home, ports), "SEGPIPE_HOME": str(home)}
+    wenv = {**os.environ, **env, **_prefect_env(home, ports), **FLOW_RUN_ENV, "SEGPIPE_HOME": str(home)}
     # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
     # whether or not the shell that ran `stack up` had the virtualenv activated
     wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])
@@ -366,6 +370,27 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     rec = _spawn(home, "worker", cmd, wenv, cwd)
     _wait("worker", rec, lambda: _worker_online(ports, name), START_TIMEOUT["worker"])
     return rec
+
+
+def _install_automations(home: Path, ports: dict[str, int], cwd: Path, webhook: str | None) -> None:
+    """The project's Prefect automations (crash runs whose heartbeats stopped; post failures to the webhook).
+
+    Run as the project's own `python -m flows.monitoring install`, as the work pool is made with the `prefect`
+    CLI: this module stays free of Prefect imports. Idempotent: it replaces automations of the same name."""
+    cmd = [sys.executable, "-m", "flows.monitoring", "install",
+           "--heartbeat-seconds", FLOW_RUN_ENV["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]]
+    # the flows package of the checkout this module belongs to, whatever the stack's working directory
+    checkout = str(Path(__file__).resolve().parents[1])
+    penv = {**os.environ, **_prefect_env(home, ports),
+            "PYTHONPATH": os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)}
+    penv.pop(ALERT_WEBHOOK_ENV, None)
+    if webhook:
+        penv[ALERT_WEBHOOK_ENV] = webhook      # through the environment: a URL may carry a token, argv is public
+    res = subprocess.run(cmd, env=penv, cwd=cwd, capture_output=True, text=True, timeout=180)
+    if res.returncode != 0:
+        raise StackError(f"creating the Prefect automations failed (`python -m flows.monitoring install`):\n"
+                         f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    log.info("automations: %s", "; ".join(res.stdout.split("\n")).strip("; "))
 
 
 def _leaderboard_labels(cwd: Path, labels: Path | str | None) -> Path:
@@ -453,8 +478,11 @@ def _running(name: str, rec: dict | None, ports: dict[str, int]) -> bool:
 
 def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
        services: list[str] | tuple[str, ...] | None = None, *, labels: Path | str | None = None,
-       cwd: Path | str | None = None) -> dict[str, dict]:
-    """Start the missing services (all by default), leave running ones alone; returns `status`."""
+       cwd: Path | str | None = None, alert_webhook: str | None = None) -> dict[str, dict]:
+    """Start the missing services (all by default), leave running ones alone; returns `status`.
+
+    With the Prefect server up, (re)creates the automations: runs that stop sending heartbeats are marked Crashed,
+    and failed or crashed runs are posted to `alert_webhook` (default $SEGPIPE_ALERT_WEBHOOK) if there is one."""
     services = list(services or SERVICES)
     unknown = sorted(set(services) - set(SERVICES))
     if unknown:
@@ -492,6 +520,8 @@ def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
         if name == "s3":
             _after_s3(env)
             _configure_dvc(cwd, env)
+        if name == "prefect":
+            _install_automations(home, ports, cwd, alert_webhook or os.environ.get(ALERT_WEBHOOK_ENV))
     state["ports"] = ports
     _save_state(home, state)
     return status(home)

@@ -71,7 +71,9 @@ def test_fan_out_on_a_ray_cluster_matches_the_local_runner(tmp_path, s3_env, mon
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.caching import StageRunner
     from flows.full_pipeline import fan_out
+    from pipelines.contentkey import StageKeys
     from flows.runners import RayClusterError
 
     root = _project(tmp_path)
@@ -87,16 +89,20 @@ def test_fan_out_on_a_ray_cluster_matches_the_local_runner(tmp_path, s3_env, mon
     starting = ThreadPoolExecutor(1).submit(start_cluster, root, node_env, cpus_per_node=1)
     cluster = None
     try:
+        def run(name: str, fanout: FanoutParams, members=MEMBERS):
+            # each run its own content keys (upstream = its folder): nothing is served from the other's result
+            stages = StageRunner(StageKeys(REPO / "params.yaml", root=REPO), ArtifactStore(s3_env), name,
+                                 root / name, f"runs/{name}")
+            outs, _ = fan_out(stages, "train", members, root / name, "params.yaml", fanout, [str(root / name)])
+            return outs
+
         @flow
         def both(on_ray: FanoutParams):
-            a = fan_out("train", MEMBERS, Path("local"), "params.yaml", local, "runs/local")
-            b = fan_out("train", MEMBERS, Path("ray"), "params.yaml", on_ray, "runs/ray")
-            return a, b
+            return run("local", local), run("ray", on_ray)
 
         @flow
         def asks_for_a_gpu(on_ray: FanoutParams):
-            return fan_out("train", MEMBERS[:1], Path("ray"), "params.yaml",
-                           on_ray.model_copy(update={"gpus_per_task": 1}), "runs/never")
+            return run("never", on_ray.model_copy(update={"gpus_per_task": 1}), MEMBERS[:1])
 
         with prefect_test_harness(server_startup_timeout=180):
             cluster = starting.result()

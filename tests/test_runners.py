@@ -9,7 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_ray import RayTaskRunner
 from pydantic import ValidationError
 
-from flows.runners import task_runner, with_overrides
+from flows.runners import matrix_runner, task_runner, with_overrides
 from segpipe.config import FanoutParams, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +19,8 @@ def test_params_yaml_fanout_section_loads_and_defaults_to_local():
     fanout = load_params("fanout", FanoutParams, path=REPO / "params.yaml")
     assert fanout.runner == "local"
     assert isinstance(task_runner(fanout), ThreadPoolTaskRunner)
+    with matrix_runner(fanout) as runner:       # local: the members run on the flow's own threads
+        assert runner is None
 
 
 def test_ray_runner_connects_to_the_named_cluster_or_the_local_one_never_a_private_one():
