@@ -24,13 +24,15 @@ PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent
               "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
 
 
-def _free_ports(n: int) -> list[int]:
+def _free_ports(n: int, avoid: set[int] = frozenset()) -> list[int]:
+    """n distinct free ports, none in `avoid` (the worker port ranges: Ray refuses a port two components share)."""
     socks, ports = [], []
-    for _ in range(n):            # hold them all open at once so no two are the same
+    while len(ports) < n:         # hold them all open at once so no two are the same
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         socks.append(s)
-        ports.append(s.getsockname()[1])
+        if s.getsockname()[1] not in avoid:
+            ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
     return ports
@@ -83,7 +85,14 @@ def start_cluster(cwd: Path, env: dict[str, str], cpus_per_node: int = 1, timeou
     """Head + one worker node; nodes start in `cwd` with `env` (how a real cluster's nodes get the project and
     their S3 credentials). Returns once both nodes are alive."""
     ray = str(Path(sys.executable).parent / "ray")
-    gcs, client = _free_ports(2)
+    worker_bases = [_free_range(40)]                          # each node's worker ports, chosen first
+    while len(worker_bases) < 2:
+        base = _free_range(40)
+        if abs(base - worker_bases[0]) >= 40:
+            worker_bases.append(base)
+    reserved = {p for b in worker_bases for p in range(b, b + 40)}
+    gcs, client = _free_ports(2, reserved)
+    reserved |= {gcs, client}
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))    # short: Ray's unix sockets live under it
     cluster = RayCluster(f"127.0.0.1:{gcs}", temp_dir)
     common = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
@@ -93,8 +102,9 @@ def start_cluster(cwd: Path, env: dict[str, str], cpus_per_node: int = 1, timeou
              [f"--address={cluster.address}"]]
     try:
         for i, role in enumerate(nodes):
-            ports = _free_ports(len(PORT_FLAGS))
-            base = _free_range(40)
+            ports = _free_ports(len(PORT_FLAGS), reserved)
+            reserved |= set(ports)
+            base = worker_bases[i]
             cmd = [ray, "start", *role, *common, *(f"{f}={p}" for f, p in zip(PORT_FLAGS, ports)),
                    f"--min-worker-port={base}", f"--max-worker-port={base + 39}"]
             log = open(temp_dir / f"node{i}.log", "wb")
