@@ -36,6 +36,8 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     prefix = f"runs/{rid}"
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
+    if submit:                                     # and a missing or refused leaderboard key
+        tasks.check_leaderboard(p["submit"], p["ablation"], deployment.name)
 
     version = tasks.fetch(p["data"])
     log.info("run %s on data version %s; artifacts under %s", rid, version, prefix)
