@@ -184,19 +184,20 @@ class FaultProxy:
         path = h.path.split("?")[0]
         self.seen.append((method, path))
         rule = next((r for r in self.rules if r[0] in path and r[2] > 0), None)
+        mode = None
         if rule is not None:
             rule[2] -= 1
             mode = rule[1]
             if isinstance(mode, int):
                 return self._send(h, mode, b'{"detail": "injected by FaultProxy"}')
-            if isinstance(mode, str) and mode.startswith("slow:"):
-                time.sleep(float(mode.split(":")[1]))
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if method == "POST" else None
         headers = {k: v for k, v in h.headers.items() if k.lower() in ("authorization", "content-type")}
         try:
             r = requests.request(method, self.upstream + h.path, headers=headers, data=body, timeout=60)
         except requests.RequestException:
             return self._send(h, 502, b'{"detail": "upstream unreachable"}')
+        if isinstance(mode, str) and mode.startswith("slow:"):
+            time.sleep(float(mode.split(":")[1]))     # the server has acted; its answer arrives late
         self._send(h, r.status_code, r.content)
 
     @staticmethod
