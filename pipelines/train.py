@@ -19,7 +19,7 @@ from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
-from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, sha256_file
+from segpipe.storage import ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, sha256_file
 
 
 log = logging.getLogger("pipelines.train")
@@ -196,8 +196,13 @@ class ResultCache(_ContentKeyed):
         return True
 
     def store_result(self, out_dir: Path) -> None:
-        self.store.upload_dir(out_dir, self.prefix, overwrite=True)
-        self.store.put_bytes(b"", f"{self.prefix}/DONE", overwrite=True)
+        # conditional writes: two runs finishing the same member at once never overwrite each other's keys
+        # (identical content is a no-op); where they differ (nondeterministic kernels), the first complete set wins
+        try:
+            self.store.upload_dir(out_dir, self.prefix)
+            self.store.put_bytes(b"", f"{self.prefix}/DONE")
+        except ArtifactExistsError as e:
+            log.warning("%s; another run stored this member first, keeping its copy", e)
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:
