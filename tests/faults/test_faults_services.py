@@ -39,9 +39,9 @@ def _flip(store: ArtifactStore, key: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 5 corrupt objects
-def test_05_corrupt_probability_and_checkpoint_in_s3_rerun_only_the_affected_task(tiny, tmp_path, weed, weed_env):
+def test_05_corrupt_probability_file_in_s3_reruns_only_the_affected_task(tiny, tmp_path, weed, weed_env):
     """Scenario 5: two stored members; one's OOF probabilities get flipped bytes. The rerun detects it by checksum,
-    retrains that member only and reuses the other. A flipped mirrored checkpoint is discarded, never resumed."""
+    retrains that member only and reuses the other."""
     t0 = time.monotonic()
     params = train_params(tmp_path / "params.yaml", epochs=1)
     run = uuid.uuid4().hex[:8]
@@ -72,7 +72,19 @@ def test_05_corrupt_probability_and_checkpoint_in_s3_rerun_only_the_affected_tas
         b = np.load(tmp_path / "second" / f"unet_r18-s0-f{fold}" / "oof.npz")["probs"]
         np.testing.assert_array_equal(a, b)                     # CPU: the rerun is bit-identical
 
-    # a flipped mirrored checkpoint: discarded with a warning, the task trains from the start (same result)
+    assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path], [text])
+    record(Row("5 corrupt probability file in S3 (result cache)", "short", 1,
+               "detected by sha256 on read; the affected member retrained, the other reused",
+               "1 of 2 members (the corrupt one)", "nothing", time.monotonic() - t0,
+               [f"flipped 16 bytes of {victim.split('/', 1)[1]}"]))
+
+
+@pytest.mark.long
+def test_05_corrupt_mirrored_checkpoint_is_discarded_never_resumed(tiny, tmp_path, weed, weed_env):
+    """Scenario 5b: a flipped mirrored checkpoint is discarded with a warning; the task trains from the start."""
+    t0 = time.monotonic()
+    run = uuid.uuid4().hex[:8]
+    store = ArtifactStore(weed.cfg)
     params2 = train_params(tmp_path / "params2.yaml", epochs=2)
     prefix = f"ckpt-{run}"
     proc = subprocess.Popen(train_cmd(params2, tiny, tmp_path / "third"), env={**weed_env, CHECKPOINT_ENV: prefix},
@@ -91,11 +103,11 @@ def test_05_corrupt_probability_and_checkpoint_in_s3_rerun_only_the_affected_tas
     assert out.returncode == 0, out.stderr[-3000:]
     assert "is corrupt" in out.stderr and "discarding it" in out.stderr
     assert json.loads((tmp_path / "third" / "unet_r18-s0-f0" / "metrics.json").read_text())["resumed_from_epoch"] == 0
-    assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path], [text, out.stderr])
-    record(Row("5 corrupt probability file / checkpoint in S3", "short", 2,
-               "detected by sha256 on read; the affected member retrained, the other reused; the corrupt checkpoint "
-               "discarded", "1 of 2 members (the corrupt one); the checkpoint's epoch", "nothing",
-               time.monotonic() - t0, [f"flipped 16 bytes of {victim.split('/', 1)[1]} and of a mirrored last.pt"]))
+    assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path], [out.stderr])
+    record(Row("5b corrupt mirrored checkpoint in S3", "long", 1,
+               "detected by sha256 on restore, discarded, never resumed from; the task trained from epoch 0 and "
+               "finished", "the corrupt checkpoint's epoch", "nothing", time.monotonic() - t0,
+               ["flipped 16 bytes of a mirrored last-eNNNN.pt after a SIGKILL"]))
 
 
 # ---------------------------------------------------------------------------------------------- 6 racing writers

@@ -55,7 +55,8 @@ def _mirrored_epochs(store: ArtifactStore, prefix: str) -> list[int]:
     return sorted(int(k.rsplit("-e", 1)[1].split(".")[0]) for k in store.list(f"{prefix}/") if "/last-e" in k)
 
 
-@pytest.mark.parametrize("kills", [pytest.param(1, id="short"), pytest.param(4, marks=pytest.mark.long, id="long")])
+@pytest.mark.long
+@pytest.mark.parametrize("kills", [pytest.param(4, id="long")])
 def test_01_training_sigkilled_at_random_points_ends_with_the_undisturbed_weights(tiny, tmp_path, weed_env, reference,
                                                                                  kills):
     """Scenario 1 (one process): SIGKILL at random moments, the machine's disk lost each time; the retries resume
