@@ -237,11 +237,16 @@ class Row:
 
 def record(row: Row) -> None:
     """Merge one scenario's result into docs/fault-report.json and regenerate docs/fault-report.md from it."""
+    import fcntl
     REPORT_JSON.parent.mkdir(exist_ok=True)
-    rows = json.loads(REPORT_JSON.read_text()) if REPORT_JSON.is_file() else {}
-    rows[f"{row.scenario}|{row.form}"] = {**row.__dict__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    REPORT_JSON.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    write_markdown(rows)
+    import tempfile
+    with open(Path(tempfile.gettempdir()) / "segpipe-fault-report.lock", "w") as lock:   # two pytest runs at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(REPORT_JSON.read_text()) if REPORT_JSON.is_file() else {}
+        rows[f"{row.scenario}|{row.form}"] = {**row.__dict__,
+                                              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        REPORT_JSON.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        write_markdown(rows)
 
 
 def write_markdown(rows: dict) -> None:

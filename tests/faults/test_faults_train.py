@@ -73,8 +73,8 @@ def test_01_training_sigkilled_at_random_points_ends_with_the_undisturbed_weight
     logs, redone, details = [], 0, []
     for k in range(kills):
         at = rng.uniform(0.15, 0.95) * ref_s
-        proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "run"), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "run"), env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(at)
         if proc.poll() is not None:
             logs.append(proc.stdout.read())
