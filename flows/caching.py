@@ -25,6 +25,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner
 
+from flows.tasks import retry_unless_oom
 from pipelines.common import record_timing
 from pipelines.contentkey import StageKeys
 from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, sha256_file
@@ -87,18 +88,20 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
     return StageOutput(label, key, run, str(out_dir), prefix, files, result, round(t1 - t0, 3))
 
 
-def _make_task(name: str, retries: int = 0, delay: int = 5):
+def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
     """One Prefect task per stage (the task name is the stage name); task runs are named by their label."""
     @task(name=name, task_run_name="{label}", cache_policy=CONTENT_KEY, persist_result=True, retries=retries,
-          retry_delay_seconds=delay)
+          retry_delay_seconds=delay, retry_condition_fn=retry_if)
     def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any]) -> StageOutput:
         return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"))
     return stage
 
 
-# a data error is not transient: validate never retries; training retries once (it resumes from its checkpoint)
+# a data error is not transient: validate never retries; training retries once (it resumes from its checkpoint),
+# unless it ran out of memory (the same batch would again)
 STAGE_TASKS = {"validate": _make_task("validate"), "split": _make_task("split"),
-               "train": _make_task("train", retries=1), "retrain": _make_task("retrain", retries=1),
+               "train": _make_task("train", retries=1, retry_if=retry_unless_oom),
+               "retrain": _make_task("retrain", retries=1, retry_if=retry_unless_oom),
                "infer": _make_task("infer"), "pseudo": _make_task("pseudo"), "ablation": _make_task("ablation")}
 
 

@@ -57,6 +57,8 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     prefix = f"runs/{rid}"
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
+    if submit:                                     # and a missing or refused leaderboard key
+        tasks.check_leaderboard(p["submit"], p["ablation"], deployment.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[TIMING_ENV] = str((run_dir / "timings.jsonl").resolve())   # stage work intervals (the benchmark)
 

@@ -61,13 +61,18 @@ def record_timing(kind: str, label: str, start: float, end: float) -> None:
     """Append one interval to $SEGPIPE_TIMING_FILE, if set: one short line per O_APPEND write, so tasks and
     processes writing at once never interleave within a line."""
     path = os.environ.get(TIMING_ENV)
-    if path:
-        line = json.dumps({"kind": kind, "label": label, "start": start, "end": end, "pid": os.getpid()}) + "\n"
+    if not path:
+        return
+    line = json.dumps({"kind": kind, "label": label, "start": start, "end": end, "pid": os.getpid()}) + "\n"
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+    except OSError as e:      # a measurement aid: never the reason a stage fails
+        logging.getLogger("pipelines").warning("timing not recorded in %s: %s", path, e)
+        return
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def run_main(fn, *args, **kwargs) -> None:

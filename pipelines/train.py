@@ -20,7 +20,8 @@ from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
-from segpipe.storage import ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError
+from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError,
+                             sha256_file)
 
 
 log = logging.getLogger("pipelines.train")
@@ -108,26 +109,38 @@ class _ContentKeyed:
 
 
 class CheckpointMirror(_ContentKeyed):
-    """Mirror last.pt to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
+    """Mirror the checkpoint dir to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
 
     Keys are content-addressed (`<prefix>/<task>/<config hash>/last-eNNNN.pt`): any later run with the same
-    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept.
+    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept. The kept
+    weights (best.pt, top-k files) go beside it under `state/` whenever they change: last.pt alone resumes the
+    loop, but a resumed run whose later epochs do not improve has no other copy of its best weights.
     """
 
     ENV = CHECKPOINT_ENV
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        super().__init__(store, prefix)
+        self._pushed: dict[str, str] = {}          # state file name -> sha256 last mirrored
 
     def _keys(self) -> list[str]:
         return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
 
     def restore(self, local: Path) -> int | None:
-        """Fetch the newest mirrored last.pt into `local` when there is none locally; its epoch, or None."""
+        """Fetch the newest mirrored last.pt (and the kept weights) into `local`'s dir when there is no local
+        last.pt; its epoch, or None."""
         if local.exists():
             return None
         for key in reversed(self._keys()):
             try:
                 self.store.get_file(key, local)
+                for skey in self.store.list(f"{self.prefix}/state/"):
+                    name = skey.rsplit("/", 1)[-1]
+                    self.store.get_file(skey, local.parent / name)
+                    self._pushed[name] = sha256_file(local.parent / name)
             except CorruptArtifactError as e:       # checksum mismatch: never resume from damaged state
                 log.warning("%s; discarding it", e)
+                local.unlink(missing_ok=True)
                 self.store.delete(key)
                 continue
             epoch = int(key.rsplit("-e", 1)[1].split(".")[0])
@@ -136,6 +149,17 @@ class CheckpointMirror(_ContentKeyed):
         return None
 
     def push(self, local: Path, epoch: int) -> None:
+        for f in sorted(local.parent.glob("*.pt")):    # the kept weights first: last.pt is what a resume trusts
+            if f.name == local.name:
+                continue
+            digest = sha256_file(f)
+            if self._pushed.get(f.name) != digest:
+                self.store.put_file(f, f"{self.prefix}/state/{f.name}", overwrite=True)
+                self._pushed[f.name] = digest
+        for skey in self.store.list(f"{self.prefix}/state/"):    # top-k files the loop has since dropped
+            if not (local.parent / skey.rsplit("/", 1)[-1]).exists():
+                self.store.delete(skey)
+                self._pushed.pop(skey.rsplit("/", 1)[-1], None)
         key = f"{self.prefix}/last-e{epoch + 1:04d}.pt"
         self.store.put_file(local, key, overwrite=True)
         for old in self._keys():
@@ -143,7 +167,7 @@ class CheckpointMirror(_ContentKeyed):
                 self.store.delete(old)
 
     def clear(self) -> None:
-        for key in self._keys():
+        for key in self._keys() + self.store.list(f"{self.prefix}/state/"):
             self.store.delete(key)
 
 
