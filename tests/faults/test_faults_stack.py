@@ -290,10 +290,17 @@ def test_06_two_full_runs_at_once(full):
     sa, sb = full.wait(a), full.wait(b)
     assert (sa, sb) == ("COMPLETED", "COMPLETED"), (full.logs(a)[-20:], full.logs(b)[-20:])
     assert full.submission_sha(a) == full.submission_sha(b) == full.reference["sha"]
-    ra, rb = full.summary(a)["artifacts"], full.summary(b)["artifacts"]
+    sum_a, sum_b = full.summary(a), full.summary(b)
+    ra, rb = sum_a["artifacts"], sum_b["artifacts"]
     ka, kb = verify_prefix(full.store, ra), verify_prefix(full.store, rb)
-    assert ka and kb and not set(ka) & set(kb)
-    assert {k[len(ra):] for k in ka} == {k[len(rb):] for k in kb}         # the same outputs, each its own keys
+    assert ka and kb and not set(ka) & set(kb)                            # neither run wrote under the other's
+    # the same stages in both; a stage one run served from the other's stored result points at that run's files,
+    # which must be whole: every stage's files, wherever they live, read back with their checksums
+    assert [r["label"] for r in sum_a["stages"]] == [r["label"] for r in sum_b["stages"]]
+    bucket_url = full.store.url("")
+    for row in sum_a["stages"] + sum_b["stages"]:
+        assert verify_prefix(full.store, row["artifacts"][len(bucket_url):]), row
+    shared = sum(r["cached"] for r in sum_a["stages"] + sum_b["stages"])
     results = verify_prefix(full.store, "results")
     assert sum(k.endswith("/DONE") for k in results) == MEMBERS
     logs = full.logs(a) + full.logs(b)
@@ -301,6 +308,7 @@ def test_06_two_full_runs_at_once(full):
     full.no_secrets(logs)
     record(Row("6 two full runs at the same time on one stack", "long", 1,
                "both completed with byte-identical submissions; disjoint run prefixes, every key verified; each "
-               f"member's cached result written once ({len(overwritten)} conflicting writes)",
+               f"member's cached result written once ({len(overwritten)} conflicting writes); {shared} of "
+               f"{len(sum_a['stages']) * 2} stage results served from the other run's store, all verified",
                f"{len(full.trained(a)) + len(full.trained(b)) - MEMBERS} training(s) beyond {MEMBERS} (a member "
                "waiting for a device slot finds the other run's stored result)", "nothing", time.monotonic() - t0))
