@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipelines.common import parser
+from segpipe.storage import file_digest
 
 KEY_CHARS = 32
 
@@ -35,11 +36,7 @@ class ContentKeyError(ValueError):
 
 def file_md5(path: Path) -> str:
     """md5 of the file's bytes: what DVC 3 stores as a file dependency's `md5` in dvc.lock."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def digest(obj: Any, chars: int = KEY_CHARS) -> str:
