@@ -41,6 +41,10 @@ WEED_INTERNAL = ("master", "volume", "filer", "admin", "iceberg", "lance", "webd
 WEED_FLAGS = {"master": "-master.port", "volume": "-volume.port", "filer": "-filer.port",
               "admin": "-admin.port", "iceberg": "-s3.port.iceberg", "lance": "-s3.port.lance",
               "webdav": "-webdav.port"}
+# weed mini sizes its store from the free disk at start (11 volumes of 1 GiB on a disk with 12 GiB free) and then
+# answers InternalError to every put once those fill; volumes are not preallocated, so name a ceiling far above any
+# disk and let the disk itself be the limit
+WEED_STORE_FLAGS = ("-master.volumeSizeLimitMB=1024", "-volume.max=1000")
 BUCKETS = ("segpipe", "dvc")          # artifacts; the DVC remote (s3://dvc/segpipe)
 WORK_POOL = "segpipe"
 WORKER_LIMIT = 4                      # concurrent flow runs: a nightly run plus a manual one, with room
@@ -272,7 +276,7 @@ def weed_command(weed: str, data_dir: Path | str, ports: dict[str, int], *, ip: 
                  s3_config: Path | str | None = None) -> list[str]:
     """`weed mini` with every internal port explicit (bound to one address they collide otherwise)."""
     return [weed, "mini", f"-dir={data_dir}", f"-ip={ip}", f"-ip.bind={bind}", f"-s3.port={ports['s3']}",
-            *([f"-s3.config={s3_config}"] if s3_config else []),
+            *([f"-s3.config={s3_config}"] if s3_config else []), *WEED_STORE_FLAGS,
             *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
 
 
