@@ -56,6 +56,8 @@ START_TIMEOUT = {"s3": 60.0, "prefect": 150.0, "worker": 90.0, "leaderboard": 60
 # every flow run the worker starts: a heartbeat every 30 s (Prefect's minimum; its default is 180 s), which the
 # zombie-run automation watches, and the library's loggers in the Prefect run log
 FLOW_RUN_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_LOGGING_EXTRA_LOGGERS": "segpipe,pipelines"}
+# the worker asks for scheduled runs every 2 s (Prefect's default, 10 s, is on every run's critical path)
+WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
 ALERT_WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"   # where failed/crashed runs are posted (none: no notification)
 
 
@@ -366,7 +368,7 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     _ensure_work_pool(home, ports, cwd)
     name = f"segpipe-{socket.gethostname()}-{ports['prefect']}"
     # flow runs inherit this environment: that is how they get the S3 credentials, not via parameters
-    wenv = {**os.environ, **env, **_prefect_env(home, ports), **FLOW_RUN_ENV, "SEGPIPE_HOME": str(home)}
+    wenv = {**os.environ, **env, **_prefect_env(home, ports), **FLOW_RUN_ENV, **WORKER_ENV, "SEGPIPE_HOME": str(home)}
     # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
     # whether or not the shell that ran `stack up` had the virtualenv activated
     wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])

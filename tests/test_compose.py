@@ -96,6 +96,8 @@ def test_prefect_server_and_worker_match_the_stack(compose, ports):
     assert configure == ["segpipe", "stack", "dvc-remote"]      # what `up` does for the host (_configure_dvc)
     assert start == stack.worker_command("prefect", start[-1])
     assert {k: worker["environment"][k] for k in expected} == expected
+    flow_env = {**stack.FLOW_RUN_ENV, **stack.WORKER_ENV}       # heartbeats, library logs, pick-up interval
+    assert {k: worker["environment"].get(k) for k in flow_env} == flow_env
     assert worker["environment"]["SEGPIPE_S3_ENDPOINT"] == f"http://s3:{ports['s3']}"
     assert worker["environment"]["SEGPIPE_HOME"] == str(HOME)
     assert {"s3", "prefect"} <= set(worker["depends_on"])
