@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast bench-validate bench-train bench-infer clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast test-ops test-faults bench-validate bench-overhead bench-train bench-infer check-containers clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -50,11 +50,17 @@ demo: deploy                              ## run the whole chain through the Pre
 repro: stack-up                           ## the same chain stage by stage through DVC
 	$(WITH_STACK) PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 
-test: system-deps setup                   ## unit + integration tests (real SeaweedFS, real Prefect, Chromium)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
+test: system-deps setup                   ## unit + integration tests (real SeaweedFS, real Prefect, Chromium) + short fault suite
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not long"
 
-test-fast: system-deps setup              ## skip the end-to-end runs
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow"
+test-ops: setup                           ## only the operations checks that wait on real timeouts (~8 min: zombie runs, alerts, retry)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m ops
+
+test-fast: system-deps setup              ## skip the end-to-end runs, the operations checks and the fault suite
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow and not ops and not faults"
+
+test-faults: setup                        ## the fault suite, short + long form (full stack runs); writes docs/fault-report.md
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests/faults -m faults
 
 bench-validate: setup                     ## time validation + EDA on competition-sized synthetic data (under /tmp)
 	$(BIN)/python -m scripts.bench_validate
@@ -64,6 +70,13 @@ bench-train: setup                        ## training img/s: plain loop vs tuned
 
 bench-infer: setup                        ## inference img/s: bare model(x) vs predict_probs with 1, 2, 4 flip views (GPU if present)
 	$(BIN)/python scripts/bench_infer.py
+
+bench-overhead: setup                     ## share of a full flow run outside the stages' work, and a "nothing changed" run
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m scripts.bench_overhead
+
+check-containers: setup                   ## static checks only (no Docker engine here): hadolint, compose-spec schema
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 clean:
 	rm -rf runs artifacts

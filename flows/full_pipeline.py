@@ -4,17 +4,30 @@ pseudo.rounds -> ablation -> submit."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import wait
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import tasks
+import pipelines.ablation
+import pipelines.audit
+import pipelines.fetch
+import pipelines.infer
+import pipelines.pseudo
+import pipelines.split
+import pipelines.validate
+from flows import runners, tasks
+from flows.caching import StageRunner
+from flows.monitoring import flow_run_name, publish_run_links, rename_flow_run
+from pipelines.common import TIMING_ENV, record_timing, write_json
+from pipelines.contentkey import StageKeys
 from pipelines.validate import ValidateResult
 from segpipe.config import load_all
 from segpipe.eda import embed_images
@@ -27,75 +40,112 @@ def run_id() -> str:
     return f"{stamp}-{str(rid)[:8]}" if rid else stamp
 
 
-@flow(name="full-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "", profile: str = "") -> dict:
+@flow(name="full-pipeline", flow_run_name=flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=8),
+      log_prints=True)
+def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "",
+                  fanout: dict | None = None, profile: str = "") -> dict:
     """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/.
 
-    `profile` (e.g. quick) picks an entry of params.yaml's `profiles` for this run; empty: the file's own."""
+    Every stage is keyed on content (flows.caching): one whose code, params and upstream keys are unchanged is
+    served from the stored result of whichever run produced it. `fanout` overrides keys of params.yaml's fanout
+    section for this run (a deployment's `{"runner": "ray"}`); where members train never changes a key.
+    `profile` (e.g. quick) picks an entry of params.yaml's `profiles` for this run; empty: the file's own.
+    """
     log = get_run_logger()
     rid = run_name or run_id()
-    run_dir = Path("runs") / rid
+    # absolute: a Ray worker's working directory is not the flow's (the nodes share the project path instead)
+    run_dir = (Path("runs") / rid).absolute()
     prefix = f"runs/{rid}"
+    # a profile: the run's own copy of the params (the members' processes and the stage keys read the same file)
     params_file = str(with_profile(Path(params_file), profile, run_dir))
     p = load_all(Path(params_file))
+    p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
+    if submit:                                     # and a missing or refused leaderboard key
+        tasks.check_leaderboard(p["submit"], p["ablation"], deployment.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[TIMING_ENV] = str((run_dir / "timings.jsonl").resolve())   # stage work intervals (the benchmark)
 
     version = tasks.fetch(p["data"])
-    log.info("run %s on data version %s; artifacts under %s", rid, version, prefix)
+    keys = StageKeys(params_file)
+    rename_flow_run(version, keys.params_hash())
+    log.info("run %s on data version %s, params %s; artifacts under %s", rid, version, keys.params_hash(), prefix)
+    stages = StageRunner(keys, store, rid, run_dir, prefix)
 
     # a DataValidationError fails the flow here: validate never retries, nothing below it runs
-    validated = tasks.validate(p["data"], p["validate"], run_dir / "validate")
-    keys = tasks.upload(run_dir / "validate", f"{prefix}/validate")
-    publish_validate(validated, [store.url(k) for k in keys if k.startswith(f"{prefix}/validate/eda/")])
-    tasks.split(p["split"], run_dir / "validate", run_dir / "split")
-    tasks.upload(run_dir / "split", f"{prefix}/split")
+    kv = stages.key("validate", [version])
+    validated = stages("validate", "validate", kv, "validate",
+                       partial(pipelines.validate.run, p["data"], p["validate"], run_dir / "validate"))
+    publish_validate(validated, stages.urls("validate", "eda/"))
+    ks = stages.key("split", [kv])
+    stages("split", "split", ks, "split", partial(pipelines.split.run, p["split"], run_dir / "validate",
+                                                  run_dir / "split"))
     publish_markdown(run_dir / "split" / "report.md", "fold-split")
 
     matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
-    trained = fan_out("train", matrix, run_dir, params_file, p["fanout"], prefix)
+    trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks])
     publish_members(trained, "train-metrics")
-    result = infer_round(p, run_dir, prefix, 0)
+    result, ki, kaudit = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
+    infer_keys = [ki]
 
     # pseudo -> retrain -> infer, pseudo.rounds times: each round labels the test set with the previous ensemble
     for r in range(1, p["pseudo"].rounds + 1):
-        tasks.pseudo(p["data"], p["pseudo"], run_dir / "validate", run_dir / "infer" / f"r{r - 1}",
-                     run_dir / "pseudo" / f"r{r}", r)
-        tasks.upload(run_dir / "pseudo" / f"r{r}", f"{prefix}/pseudo/r{r}")
-        retrained = fan_out("retrain", matrix, run_dir, params_file, p["fanout"], prefix, r)
+        kp = stages.key("pseudo", [kv, ki], {"round": r})
+        stages("pseudo", f"pseudo-r{r}", kp, f"pseudo/r{r}",
+               partial(pipelines.pseudo.run, p["data"], p["pseudo"], run_dir / "validate",
+                       run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
+        # the previous round's audit decides which training images this round drops or relabels
+        retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
+                                         [kv, ks, kp, kaudit], r)
         publish_members(retrained, f"retrain-r{r}-metrics")
-        result = infer_round(p, run_dir, prefix, r)
+        result, ki, kaudit = infer_round(stages, p, run_dir, r, [kv, *member_keys])
+        infer_keys.append(ki)
 
-    ablation = tasks.ablation(p["ablation"], p["submit"], p["data"], run_dir / "infer", run_dir / "ablation",
-                              submit=submit, run_name=rid)
-    tasks.upload(run_dir / "ablation", f"{prefix}/ablation")
+    # the ablation submits its rows' files (idempotent by sha256): a hit reuses the rows the leaderboard scored
+    ka = stages.key("ablation", infer_keys, extra={"submit": submit, "leaderboard": [
+        p["submit"].base_url, p["submit"].competition_id]})
+    ablation = stages("ablation", "ablation", ka, "ablation",
+                      partial(tasks.ablation.fn, p["ablation"], p["submit"], p["data"], run_dir / "infer",
+                              run_dir / "ablation", submit=submit, run_name=rid))
     create_table_artifact(ablation.table(), key="ablation",
                           description="does each step pay? OOF and public mIoU per step, deltas against the row above")
     publish_markdown(run_dir / "ablation" / "ablation.md", "ablation-report")
 
-    summary = {"run": rid, "data_version": version, "oof_miou": result.oof_miou, "artifacts": prefix}
+    summary = {"run": rid, "data_version": version, "params_hash": keys.params_hash(), "oof_miou": result.oof_miou,
+               "artifacts": prefix}
     if submit:
         summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    create_table_artifact([{k: str(v) for k, v in summary.items()}], key="run-summary",
+    summary["stages"] = stages.summary_rows()
+    summary["reused"] = sum(r["cached"] for r in summary["stages"])
+    write_json(run_dir / "summary.json", summary)
+    store.put_file(run_dir / "summary.json", f"{prefix}/summary.json")   # where every stage's files are, from S3
+    create_table_artifact([{k: str(v) for k, v in summary.items() if k != "stages"}], key="run-summary",
                           description=f"full-pipeline run {rid}")
-    log.info("run %s done: OOF mIoU %.4f, public mIoU %s", rid, result.oof_miou, summary.get("public_miou"))
+    publish_run_links(summary, store)
+    log.info("run %s done: OOF mIoU %.4f, public mIoU %s; %d of %d stages reused", rid, result.oof_miou,
+             summary.get("public_miou"), summary["reused"], len(summary["stages"]))
     return summary
 
 
-def infer_round(p: dict, run_dir: Path, prefix: str, round_: int):
+def infer_round(stages: StageRunner, p: dict, run_dir: Path, round_: int, upstream: list[str]):
     """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3; then the
-    label-noise audit of that ensemble (the next round drops or relabels what it lists)."""
+    label-noise audit of that ensemble (the next round drops or relabels what it lists). Returns the infer result
+    and the infer and audit keys."""
     out = run_dir / "infer" / f"r{round_}"
-    result = tasks.infer(p["data"], p["infer"], run_dir / "validate", tasks.members_dir(run_dir, round_), out, round_)
-    tasks.upload(out, f"{prefix}/infer/r{round_}")
+    key = stages.key("infer", upstream, {"round": round_})
+    result = stages("infer", f"infer-r{round_}", key, f"infer/r{round_}",
+                    partial(pipelines.infer.run, p["data"], p["infer"], run_dir / "validate",
+                            tasks.members_dir(run_dir, round_), out, round_))
     publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
-    audit = tasks.audit(p["data"], p["audit"], run_dir / "validate", out, run_dir / "audit" / f"r{round_}")
-    tasks.upload(audit.out_dir, f"{prefix}/audit/r{round_}")
+    ka = stages.key("audit", [upstream[0], key], {"round": round_})
+    audit = stages("audit", f"audit-r{round_}", ka, f"audit/r{round_}",
+                   partial(pipelines.audit.run, p["data"], p["audit"], run_dir / "validate", out,
+                           run_dir / "audit" / f"r{round_}"))
     create_markdown_artifact(embed_images((audit.out_dir / "report.md").read_text(), audit.out_dir),
                              key=f"label-noise-audit-r{round_}",
                              description="training images ranked by their own out-of-fold mIoU, worst first")
-    return result
+    return result, key, ka
 
 
 def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
@@ -112,20 +162,38 @@ def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
     return out
 
 
-def fan_out(stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str, fanout, prefix: str,
-            round_: int = 0) -> list[Path]:
-    """Launch every (model, seed, fold) at once; the device leases decide how many really run together."""
-    futures = [tasks.train.submit(stage, m, s, f, run_dir, params_file, fanout, round_) for m, s, f in matrix]
-    # each member uploads as soon as it finishes, while the others still train
-    key_root = tasks.members_dir(Path(prefix), round_)
-    uploads = [tasks.upload.submit(fut, f"{key_root}/{m}-s{s}-f{f}") for fut, (m, s, f) in zip(futures, matrix)]
-    wait(uploads)      # one member failing (say, out of memory) must not cut the others short
-    failed = [f"{m}-s{s}-f{f}" for u, (m, s, f) in zip(uploads, matrix) if not u.state.is_completed()]
+def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str,
+            fanout, upstream: list[str], round_: int = 0) -> tuple[list[Path], list[str]]:
+    """Launch every (model, seed, fold) at once, on this machine's threads or a Ray cluster (`fanout.runner`);
+    the device leases (or Ray's scheduler) decide how many really run together.
+
+    Each member is its own content-keyed task (uploaded as soon as it finishes, while the others still train);
+    returns the members' folders and keys."""
+    run_dir, params_file = Path(run_dir).absolute(), str(Path(params_file).absolute())
+    root = tasks.members_dir(Path(""), round_).as_posix()
+    jobs = []
+    for m, s, f in matrix:
+        member = f"{m}-s{s}-f{f}"
+        label = f"{stage}{f'-r{round_}' if round_ else ''}-{member}"
+        key = stages.key(stage, upstream, {"model": m, "seed": s, "fold": f, "round": round_})
+        call = partial(tasks.train.fn, stage, m, s, f, run_dir, params_file, fanout, round_)
+        jobs.append((member, label, key, f"{root}/{member}", call))
+    outs, failed = [], []
+    with runners.matrix_runner(fanout) as runner:      # None: the flow's own threads
+        runners.check_cluster(fanout)
+        with runners.member_options(fanout):
+            futures = [stages.submit(stage, label, key, rel, call, runner=runner) for _, label, key, rel, call in jobs]
+        for (member, label, key, rel, call), fut in zip(jobs, futures):
+            try:   # one member failing (say, out of memory) must not cut the others short
+                outs.append(stages.finish(stage, label, key, rel, call, fut, runner=runner))
+            except Exception as e:
+                get_run_logger().error("%s failed: %s", label, e)
+                failed.append(member)
     if failed:
         raise RuntimeError(f"{stage}: {len(failed)} of {len(matrix)} members failed ({', '.join(failed)}); the others "
                            "finished and are stored. See each failed task's log for the cause; a retry of this "
                            "flow run reuses the finished members")
-    return [fut.result() for fut in futures]
+    return outs, [j[2] for j in jobs]
 
 
 def publish_validate(v: ValidateResult, eda_urls: list[str]) -> None:
@@ -153,11 +221,13 @@ def publish_markdown(path: Path, key: str) -> None:
 def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
     """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
     # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
+    t0 = time.time()
     sub = tasks.submit(p["submit"], p["data"], infer_dir, run_dir / "submit",
                        hyperparameters={k: p[k].model_dump(mode="json")
                                         for k in ("train", "retrain", "infer", "pseudo")},
                        oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
-    tasks.upload(run_dir / "submit", f"{prefix}/submit")
+    record_timing("work", "submit", t0, time.time())
+    tasks.upload(run_dir / "submit", f"{prefix}/submit")     # never cached: the policy and the leaderboard decide
     publish_history(run_dir / "submit" / "history.json")
     cv_lb = run_dir / "submit" / "cv_lb.md"     # OOF vs public over time; warns beyond submit.cv_lb_margin
     if cv_lb.is_file():

@@ -18,9 +18,9 @@ import pipelines.pseudo
 import pipelines.split
 import pipelines.submit
 import pipelines.validate
+from flows import runners
 from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
-from segpipe.gpu import lease
 from segpipe.storage import ArtifactStore, S3Config
 
 LEASE_DIR = Path(".segpipe/leases")
@@ -41,6 +41,16 @@ def leaderboard_key(block: str = "leaderboard-key", env: str = "SEGPIPE_LEADERBO
         return Secret.load(block).get()
     except ValueError:     # no such block: the stack's worker environment carries the key
         return os.environ.get(env)
+
+
+def check_leaderboard(params, ablation_params, deployment: str | None) -> None:
+    """Start-up check of the leaderboard keys this run may use (read here, never logged): a missing or refused
+    key fails the run before any work, not after hours of training."""
+    if pipelines.submit.may_submit(params, deployment):
+        pipelines.submit.preflight(params, leaderboard_key())
+    ablation_key = leaderboard_key("leaderboard-ablation-key", pipelines.ablation.KEY_ENV)
+    if ablation_params.submit and ablation_key:      # no ablation key: the rows are not submitted (by design)
+        pipelines.submit.preflight(params, ablation_key, env=pipelines.ablation.KEY_ENV)
 
 
 @task(name="ablation", retries=0)   # a retry would only re-read what the leaderboard already scored
@@ -87,7 +97,23 @@ def _train_run_name() -> str:
     return f"{p['stage']}{r}-{p['model']}-s{p['seed']}-f{p['fold']}"
 
 
-@task(name="train", task_run_name=_train_run_name, retries=1, retry_delay_seconds=5)
+class MemberOutOfMemory(RuntimeError):
+    """The training process ran out of memory: the same batch size would again, so the task is not retried."""
+
+
+def retry_unless_oom(task, task_run, state) -> bool:
+    """Prefect retry condition of a training task: any failure but running out of memory is worth a retry."""
+    try:
+        state.result()
+    except MemberOutOfMemory:
+        return False
+    except Exception:      # noqa: BLE001 - any other failure (a lost process, a store outage) is worth one retry
+        return True
+    return True
+
+
+@task(name="train", task_run_name=_train_run_name, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_oom)
 def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams,
           round_: int = 0) -> Path:
     """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint."""
@@ -99,7 +125,7 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
     if round_:
         # the previous round's label-noise audit says which training images to drop or relabel (audit.action)
         cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"), "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
-    with lease(LEASE_DIR, fanout.slots_per_gpu, fanout.cpu_slots) as held:
+    with runners.device_lease(fanout, LEASE_DIR) as held:    # a file lease here, or what Ray reserved
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
         tail: deque[str] = deque(maxlen=30)
@@ -114,5 +140,8 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
                 tail.append(line)
                 log.info(line)
         if proc.wait() != 0:
+            if any("TrainingOOM" in line for line in tail):
+                raise MemberOutOfMemory(f"{stage} {model}-s{seed}-f{fold} ran out of memory (not retried):\n"
+                                        + "\n".join(tail))
             raise RuntimeError(f"{stage} {model}-s{seed}-f{fold} exited with {proc.returncode}:\n" + "\n".join(tail))
     return out_root / f"{model}-s{seed}-f{fold}"

@@ -52,11 +52,36 @@ def timed(phases: dict[str, float], name: str) -> Iterator[None]:
     phases[name] = round(time.perf_counter() - t0, 2)
 
 
+# set by the flow: every stage appends the interval of its own work (epoch seconds), so a benchmark can tell
+# the stages' work from orchestration, DVC, S3 transfers and process start-up (scripts/bench_overhead.py)
+TIMING_ENV = "SEGPIPE_TIMING_FILE"
+
+
+def record_timing(kind: str, label: str, start: float, end: float) -> None:
+    """Append one interval to $SEGPIPE_TIMING_FILE, if set: one short line per O_APPEND write, so tasks and
+    processes writing at once never interleave within a line."""
+    path = os.environ.get(TIMING_ENV)
+    if not path:
+        return
+    line = json.dumps({"kind": kind, "label": label, "start": start, "end": end, "pid": os.getpid()}) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:      # a measurement aid: never the reason a stage fails
+        logging.getLogger("pipelines").warning("timing not recorded in %s: %s", path, e)
+        return
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def run_main(fn, *args, **kwargs) -> None:
     """Call a stage; a known error exits non-zero with its message instead of a traceback wall."""
     setup_logging()
+    t0 = time.time()          # after the imports: interpreter and library start-up are not the stage's work
     try:
         fn(*args, **kwargs)
+        record_timing("work", Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:7]), t0, time.time())
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         logging.getLogger("segpipe").error("%s: %s", type(e).__name__, e)
         sys.exit(1)

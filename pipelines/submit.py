@@ -22,7 +22,7 @@ import numpy as np
 from pipelines.common import write_json
 from segpipe.compare import CvLb, cv_lb_markdown, cv_lb_plot, cv_vs_lb
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
-from segpipe.leaderboard import LeaderboardClient, LeaderboardError, Submission
+from segpipe.leaderboard import LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Submission
 from segpipe.submission import lint_submission, write_submission
 
 log = logging.getLogger("pipelines.submit")
@@ -132,6 +132,30 @@ def decide(params: SubmitParams, deployment: str | None, oof_miou: float | None,
     if oof_miou > best["oof_miou"]:
         return Decision(True, f"OOF mIoU {oof_miou:.4f} beats {than} {knob}")
     return Decision(False, f"OOF mIoU {oof_miou:.4f} does not beat {than} {knob}")
+
+
+def may_submit(params: SubmitParams, deployment: str | None) -> bool:
+    """Whether any outcome of this run could spend a slot (if_better counts: its OOF is not known yet)."""
+    if params.mode == "dry-run":
+        return False
+    policy = params.policy.get(deployment, "never") if deployment else params.manual_policy
+    return policy != "never"
+
+
+def preflight(params: SubmitParams, key: str | None, *, env: str = KEY_ENV) -> None:
+    """At start-up, before any work: the key is set and the leaderboard accepts it (a 401 or 404 raises).
+
+    An unreachable leaderboard only warns: the run takes hours, and the submit stage retries then.
+    """
+    if not key:
+        raise SubmitFailed(f"{env} is not set and this run may submit (submit.policy / submit.manual_policy): "
+                           "export the leaderboard key, put it in a Prefect Secret block, or set submit.mode: "
+                           "dry-run")
+    try:
+        LeaderboardClient(params.base_url, params.competition_id, key, retries=1, backoff_s=2.0).limits()
+    except LeaderboardUnreachable as e:
+        log.warning("leaderboard not reachable at start-up (%s); going on, the submit stage retries <submit.base_url>",
+                    e)
 
 
 def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_miou: float | None,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
-from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config
+from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError,
+                             sha256_file)
 
 
 log = logging.getLogger("pipelines.train")
@@ -108,26 +110,38 @@ class _ContentKeyed:
 
 
 class CheckpointMirror(_ContentKeyed):
-    """Mirror last.pt to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
+    """Mirror the checkpoint dir to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
 
     Keys are content-addressed (`<prefix>/<task>/<config hash>/last-eNNNN.pt`): any later run with the same
-    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept.
+    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept. The kept
+    weights (best.pt, top-k files) go beside it under `state/` whenever they change: last.pt alone resumes the
+    loop, but a resumed run whose later epochs do not improve has no other copy of its best weights.
     """
 
     ENV = CHECKPOINT_ENV
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        super().__init__(store, prefix)
+        self._pushed: dict[str, str] = {}          # state file name -> sha256 last mirrored
 
     def _keys(self) -> list[str]:
         return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
 
     def restore(self, local: Path) -> int | None:
-        """Fetch the newest mirrored last.pt into `local` when there is none locally; its epoch, or None."""
+        """Fetch the newest mirrored last.pt (and the kept weights) into `local`'s dir when there is no local
+        last.pt; its epoch, or None."""
         if local.exists():
             return None
         for key in reversed(self._keys()):
             try:
                 self.store.get_file(key, local)
+                for skey in self.store.list(f"{self.prefix}/state/"):
+                    name = skey.rsplit("/", 1)[-1]
+                    self.store.get_file(skey, local.parent / name)
+                    self._pushed[name] = sha256_file(local.parent / name)
             except CorruptArtifactError as e:       # checksum mismatch: never resume from damaged state
                 log.warning("%s; discarding it", e)
+                local.unlink(missing_ok=True)
                 self.store.delete(key)
                 continue
             epoch = int(key.rsplit("-e", 1)[1].split(".")[0])
@@ -136,6 +150,17 @@ class CheckpointMirror(_ContentKeyed):
         return None
 
     def push(self, local: Path, epoch: int) -> None:
+        for f in sorted(local.parent.glob("*.pt")):    # the kept weights first: last.pt is what a resume trusts
+            if f.name == local.name:
+                continue
+            digest = sha256_file(f)
+            if self._pushed.get(f.name) != digest:
+                self.store.put_file(f, f"{self.prefix}/state/{f.name}", overwrite=True)
+                self._pushed[f.name] = digest
+        for skey in self.store.list(f"{self.prefix}/state/"):    # top-k files the loop has since dropped
+            if not (local.parent / skey.rsplit("/", 1)[-1]).exists():
+                self.store.delete(skey)
+                self._pushed.pop(skey.rsplit("/", 1)[-1], None)
         key = f"{self.prefix}/last-e{epoch + 1:04d}.pt"
         self.store.put_file(local, key, overwrite=True)
         for old in self._keys():
@@ -143,7 +168,7 @@ class CheckpointMirror(_ContentKeyed):
                 self.store.delete(old)
 
     def clear(self) -> None:
-        for key in self._keys():
+        for key in self._keys() + self.store.list(f"{self.prefix}/state/"):
             self.store.delete(key)
 
 
@@ -158,24 +183,39 @@ class ResultCache(_ContentKeyed):
         keys = self.store.list(f"{self.prefix}/")
         if f"{self.prefix}/DONE" not in keys:        # written last: a result without it is partial
             return False
+        # DONE names the copy that was stored first (empty: an older result, files directly under the prefix)
+        copy = self.store.get_bytes(f"{self.prefix}/DONE").decode().strip()
         tmp = out_dir.with_name(f".{out_dir.name}.fetch")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.store.download_dir(self.prefix, tmp)
+            self.store.download_dir(f"{self.prefix}/{copy}" if copy else self.prefix, tmp)
         except CorruptArtifactError as e:
             log.warning("%s; training again", e)
             for k in keys:
                 self.store.delete(k)
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        (tmp / "DONE").unlink()
+        except StorageError as e:                   # DONE names a copy that is gone: drop the marker, train again
+            log.warning("%s; training again", e)
+            self.store.delete(f"{self.prefix}/DONE")
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        (tmp / "DONE").unlink(missing_ok=True)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
         return True
 
     def store_result(self, out_dir: Path) -> None:
-        self.store.upload_dir(out_dir, self.prefix, overwrite=True)
-        self.store.put_bytes(b"", f"{self.prefix}/DONE", overwrite=True)
+        """Upload under a copy of its own, then claim DONE with a conditional write: two runs that trained the
+        same member at once never mix their files; the first to finish is the stored result."""
+        copy = uuid.uuid4().hex[:12]
+        self.store.upload_dir(out_dir, f"{self.prefix}/{copy}")
+        try:
+            self.store.put_bytes(copy.encode(), f"{self.prefix}/DONE")
+        except ArtifactExistsError:
+            log.info("%s: another run stored this result first; keeping its copy", self.store.url(self.prefix))
+            for k in self.store.list(f"{self.prefix}/{copy}/"):
+                self.store.delete(k)
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:

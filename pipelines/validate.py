@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -24,6 +23,7 @@ import pandas as pd
 from segpipe.coco import DataError, rasterize
 from segpipe.config import DEFAULT_PARAMS, DataParams, ParamsError, ValidateParams, load_params
 from segpipe.eda import run_eda
+from segpipe.parallel import worker_pool
 from segpipe.validation import ValidationResult, gx_summary, validate_dataset
 
 
@@ -89,7 +89,7 @@ def run(data: DataParams, params: ValidateParams, out_dir: Path, workers: int | 
         _JOB.update(result=res, train=train, data=data, out=tmp)
         workers = workers or os.cpu_count() or 1
         if workers > 1 and len(train) >= 32:
-            with get_context("fork").Pool(workers) as pool:
+            with worker_pool(workers) as pool:         # forked processes, or threads in a threaded process
                 stats = pool.map(_mask_job, range(len(train)), chunksize=max(1, len(train) // (workers * 8)))
         else:
             stats = [_mask_job(k) for k in range(len(train))]

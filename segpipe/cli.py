@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -19,7 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     st_sub = st.add_subparsers(dest="action", required=True)
     for action, help_ in (("up", "start the missing services (idempotent)"),
                           ("down", "stop the services `up` started; data is kept"),
-                          ("status", "show each service, its state, URL and pid")):
+                          ("status", "show each service, its state, URL and pid"),
+                          ("credentials", "write <home>/credentials.env without starting anything (docker compose)"),
+                          ("dvc-remote", "point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's "
+                                         "credentials (a container's worker)")):
         a = st_sub.add_parser(action, help=help_)
         a.add_argument("--home", help="stack home (default: $SEGPIPE_HOME or ./.segpipe)")
         if action == "up":
@@ -33,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="first of 7 consecutive SeaweedFS internal ports (env SEGPIPE_WEED_BASE_PORT, "
                                 "default s3 port + 1; each also uses port + 10000 for gRPC)")
             a.add_argument("--labels", help="hidden test labels for the leaderboard (default: data.hidden_labels)")
+            a.add_argument("--alert-webhook", help="URL that failed or crashed flow runs are posted to "
+                                                   f"(default ${stack.ALERT_WEBHOOK_ENV}; none: no notification)")
     sub.add_parser("leaderboard", help="the leaderboard client/server (segpipe leaderboard --help)", add_help=False)
     w = sub.add_parser("weights", help="pretrained encoder weights kept in the S3 store (fetched once)")
     w_sub = w.add_subparsers(dest="action", required=True)
@@ -78,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                      "weed_base": args.weed_base_port}
             t0 = time.monotonic()
             st = stack.up(args.home, {k: v for k, v in ports.items() if v}, [s.strip() for s in services],
-                          labels=args.labels)
+                          labels=args.labels, alert_webhook=args.alert_webhook)
             print(stack.format_status(st))
             home = stack.stack_home(args.home)
             print(f"\nup in {time.monotonic() - t0:.0f}s; credentials: source {home / 'credentials.env'}")
+        elif args.action == "credentials":
+            print(f"credentials: {stack.write_credentials(args.home)}")
+        elif args.action == "dvc-remote":
+            stack.configure_dvc_from_env()
+            print(f"dvc remote {stack.DVC_REMOTE}: {os.environ['SEGPIPE_S3_ENDPOINT']}")
         elif args.action == "down":
             stopped = stack.down(args.home)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

@@ -233,6 +233,12 @@ class SubmitParams(Section):
 class FanoutParams(Section):
     slots_per_gpu: int = Field(ge=1)   # training tasks sharing one GPU (small models leave it idle otherwise)
     cpu_slots: int = Field(ge=1)       # parallel tasks on a machine with no GPU; threads are split between them
+    # where the train tasks run: this machine (device leases above) or a Ray cluster (Ray's own scheduler;
+    # the leases are not used there). Same code, same results.
+    runner: Literal["local", "ray"] = "local"
+    ray_address: str = ""              # e.g. 10.0.0.5:6379; "" = the cluster on this machine (`ray start --head`)
+    gpus_per_task: float = Field(default=1.0, ge=0)   # Ray GPUs per member; 0.5 puts two small models on a GPU
+    cpus_per_task: float = Field(default=1.0, gt=0)   # Ray CPUs per member (also its torch threads)
 
 
 PARAM_SECTIONS: dict[str, type[Section]] = {

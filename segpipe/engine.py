@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,18 +86,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, file too large); the previous one is intact."""
+
+
+class _Recording(io.RawIOBase):
+    """A file that keeps the OSError of a failed write: torch.save reports a full disk only as
+    `enforce fail ... unexpected pos`, which says nothing of the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        view, done = memoryview(b).cast("B"), 0
+        while done < len(view):        # a nearly full disk takes part of a write; the next part raises ENOSPC
+            try:
+                done += self.f.write(view[done:])
+            except OSError as e:
+                self.error = e
+                raise
+        return done
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file, fsync, then rename: a crash leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    rec = None
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        with open(tmp, "wb", buffering=0) as f:
+            rec = _Recording(f)
+            torch.save(obj, rec)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)   # a full disk leaves no half file behind, and the previous one intact
+        cause = e if isinstance(e, OSError) else getattr(rec, "error", None)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {os.strerror(cause.errno)} ({free / 2**20:.1f} MiB free on that "
+                f"disk). The previous {path.name} is intact: free space there (or move the workspace), then run "
+                "the task again; it resumes from the last checkpoint") from cause
         raise
 
 

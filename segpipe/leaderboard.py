@@ -29,6 +29,10 @@ class LeaderboardError(RuntimeError):
     """The leaderboard answered with an error, or could not be reached after the retries."""
 
 
+class LeaderboardUnreachable(LeaderboardError):
+    """Connection errors or 5xx answers outlasted the retries: the server may be back later."""
+
+
 class LeaderboardAuthError(LeaderboardError):
     """401: the key is missing or unknown (check SEGPIPE_LEADERBOARD_KEY)."""
 
@@ -121,7 +125,8 @@ class LeaderboardClient:
                     return resp
                 err = f"HTTP {resp.status_code}"
             if attempt == self.retries:
-                raise LeaderboardError(f"{method} {url.split('?')[0]} failed after {attempt + 1} attempts: {err}")
+                raise LeaderboardUnreachable(f"{method} {url.split('?')[0]} failed after {attempt + 1} attempts: "
+                                             f"{err}")
             delay = self.backoff_s * 2 ** attempt
             log.warning("%s %s: %s; retry %d/%d in %.1fs", method, url.split("?")[0], err, attempt + 1,
                         self.retries, delay)

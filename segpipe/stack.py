@@ -41,6 +41,10 @@ WEED_INTERNAL = ("master", "volume", "filer", "admin", "iceberg", "lance", "webd
 WEED_FLAGS = {"master": "-master.port", "volume": "-volume.port", "filer": "-filer.port",
               "admin": "-admin.port", "iceberg": "-s3.port.iceberg", "lance": "-s3.port.lance",
               "webdav": "-webdav.port"}
+# weed mini sizes its store from the free disk at start (11 volumes of 1 GiB on a disk with 12 GiB free) and then
+# answers InternalError to every put once those fill; volumes are not preallocated, so name a ceiling far above any
+# disk and let the disk itself be the limit
+WEED_STORE_FLAGS = ("-master.volumeSizeLimitMB=1024", "-volume.max=1000")
 BUCKETS = ("segpipe", "dvc")          # artifacts; the DVC remote (s3://dvc/segpipe)
 WORK_POOL = "segpipe"
 WORKER_LIMIT = 4                      # concurrent flow runs: a nightly run plus a manual one, with room
@@ -49,6 +53,12 @@ DVC_REMOTE_URL = "s3://dvc/segpipe"
 # the ablation key's daily limit on the local leaderboard: ~6 rows a run, so a dozen runs a day still fit
 ABLATION_DAILY_LIMIT = 100
 START_TIMEOUT = {"s3": 60.0, "prefect": 150.0, "worker": 90.0, "leaderboard": 60.0}
+# every flow run the worker starts: a heartbeat every 30 s (Prefect's minimum; its default is 180 s), which the
+# zombie-run automation watches, and the library's loggers in the Prefect run log
+FLOW_RUN_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_LOGGING_EXTRA_LOGGERS": "segpipe,pipelines"}
+# the worker asks for scheduled runs every 2 s (Prefect's default, 10 s, is on every run's critical path)
+WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
+ALERT_WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"   # where failed/crashed runs are posted (none: no notification)
 
 
 class StackError(RuntimeError):
@@ -245,17 +255,51 @@ def _ensure_free(service: str, ports: dict[str, int]) -> None:
 
 # ---- the services --------------------------------------------------------------------------------
 
-def _prefect_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
-    prefect_home = home / "prefect"
-    prefect_home.mkdir(exist_ok=True)
-    api = f"http://{HOST}:{ports['prefect']}/api"
+def prefect_env(prefect_home: Path, api_url: str) -> dict[str, str]:
+    """What the Prefect server, the worker and `prefect` commands need: one home, one SQLite file, no analytics."""
     return {
         "PREFECT_HOME": str(prefect_home),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+
+
+def _prefect_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
+    prefect_home = home / "prefect"
+    prefect_home.mkdir(exist_ok=True)
+    return prefect_env(prefect_home, f"http://{HOST}:{ports['prefect']}/api")
+
+
+# The services' command lines, shared with docker-compose.yml (tests/test_compose.py holds them equal).
+
+def weed_command(weed: str, data_dir: Path | str, ports: dict[str, int], *, ip: str = HOST, bind: str = HOST,
+                 s3_config: Path | str | None = None) -> list[str]:
+    """`weed mini` with every internal port explicit (bound to one address they collide otherwise)."""
+    return [weed, "mini", f"-dir={data_dir}", f"-ip={ip}", f"-ip.bind={bind}", f"-s3.port={ports['s3']}",
+            *([f"-s3.config={s3_config}"] if s3_config else []), *WEED_STORE_FLAGS,
+            *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
+
+
+def prefect_server_command(prefect: str, host: str, port: int) -> list[str]:
+    return [prefect, "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
+
+
+def worker_command(prefect: str, name: str) -> list[str]:
+    return [prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", str(WORKER_LIMIT),
+            "--name", name]
+
+
+def leaderboard_command(python: str, host: str, port: int, labels: Path | str, state_dir: Path | str) -> list[str]:
+    return [python, "-m", "segpipe.leaderboard", "serve", "--host", host, "--port", str(port),
+            "--labels", str(labels), "--state-dir", str(state_dir)]
+
+
+def leaderboard_env(env: dict[str, str]) -> dict[str, str]:
+    """The team's key, and the ablation key on its own daily limit."""
+    return {"SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"],
+            "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{env['SEGPIPE_LEADERBOARD_ABLATION_KEY']}:{ABLATION_DAILY_LIMIT}"}
 
 
 def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
@@ -269,9 +313,7 @@ def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path)
                                                  "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     _atomic_text(root / "s3.json", json.dumps(identity), mode=0o600)
-    cmd = [_bin("weed"), "mini", f"-dir={root / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-           f"-s3.port={ports['s3']}", f"-s3.config={root / 's3.json'}",
-           *(f"{WEED_FLAGS[n]}={ports[f'weed_{n}']}" for n in WEED_INTERNAL)]
+    cmd = weed_command(_bin("weed"), root / "data", ports, s3_config=root / "s3.json")
     rec = _spawn(home, "s3", cmd, dict(os.environ), cwd)
     _wait("s3", rec, lambda: _port_open(ports["s3"]), START_TIMEOUT["s3"])
     return rec
@@ -292,7 +334,7 @@ def _prefect_healthy(port: int) -> bool:
 def _start_prefect(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path) -> dict:
     _ensure_free("prefect", {"prefect": ports["prefect"]})
     penv = {**os.environ, **_prefect_env(home, ports)}
-    cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"]), "--analytics-off"]
+    cmd = prefect_server_command(_bin("prefect"), HOST, ports["prefect"])
     rec = _spawn(home, "prefect", cmd, penv, cwd)
     _wait("prefect", rec, lambda: _prefect_healthy(ports["prefect"]), START_TIMEOUT["prefect"])
     return rec
@@ -326,15 +368,35 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     _ensure_work_pool(home, ports, cwd)
     name = f"segpipe-{socket.gethostname()}-{ports['prefect']}"
     # flow runs inherit this environment: that is how they get the S3 credentials, not via parameters
-    wenv = {**os.environ, **env, **_prefect_env(home, ports), "SEGPIPE_HOME": str(home)}
+    wenv = {**os.environ, **env, **_prefect_env(home, ports), **FLOW_RUN_ENV, **WORKER_ENV, "SEGPIPE_HOME": str(home)}
     # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
     # whether or not the shell that ran `stack up` had the virtualenv activated
     wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])
-    cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-           "--limit", str(WORKER_LIMIT), "--name", name]
+    cmd = worker_command(_bin("prefect"), name)
     rec = _spawn(home, "worker", cmd, wenv, cwd)
     _wait("worker", rec, lambda: _worker_online(ports, name), START_TIMEOUT["worker"])
     return rec
+
+
+def _install_automations(home: Path, ports: dict[str, int], cwd: Path, webhook: str | None) -> None:
+    """The project's Prefect automations (crash runs whose heartbeats stopped; post failures to the webhook).
+
+    Run as the project's own `python -m flows.monitoring install`, as the work pool is made with the `prefect`
+    CLI: this module stays free of Prefect imports. Idempotent: it replaces automations of the same name."""
+    cmd = [sys.executable, "-m", "flows.monitoring", "install",
+           "--heartbeat-seconds", FLOW_RUN_ENV["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]]
+    # the flows package of the checkout this module belongs to, whatever the stack's working directory
+    checkout = str(Path(__file__).resolve().parents[1])
+    penv = {**os.environ, **_prefect_env(home, ports),
+            "PYTHONPATH": os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)}
+    penv.pop(ALERT_WEBHOOK_ENV, None)
+    if webhook:
+        penv[ALERT_WEBHOOK_ENV] = webhook      # through the environment: a URL may carry a token, argv is public
+    res = subprocess.run(cmd, env=penv, cwd=cwd, capture_output=True, text=True, timeout=180)
+    if res.returncode != 0:
+        raise StackError(f"creating the Prefect automations failed (`python -m flows.monitoring install`):\n"
+                         f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    log.info("automations: %s", "; ".join(res.stdout.split("\n")).strip("; "))
 
 
 def _leaderboard_labels(cwd: Path, labels: Path | str | None) -> Path:
@@ -361,11 +423,9 @@ def _start_leaderboard(home: Path, ports: dict[str, int], env: dict[str, str], c
                     labels_dir)
     state_dir = home / "leaderboard"
     state_dir.mkdir(exist_ok=True)
-    lenv = {**os.environ, **env, "SEGPIPE_LEADERBOARD_KEYS": env["SEGPIPE_LEADERBOARD_KEY"],
-            "SEGPIPE_LEADERBOARD_KEY_LIMITS": f"{env['SEGPIPE_LEADERBOARD_ABLATION_KEY']}:{ABLATION_DAILY_LIMIT}"}
+    lenv = {**os.environ, **env, **leaderboard_env(env)}
     lenv.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", HOST, "--port", str(ports["leaderboard"]),
-           "--labels", str(labels_dir), "--state-dir", str(state_dir)]
+    cmd = leaderboard_command(sys.executable, HOST, ports["leaderboard"], labels_dir, state_dir)
     rec = _spawn(home, "leaderboard", cmd, lenv, cwd)
     _wait("leaderboard", rec, lambda: _port_open(ports["leaderboard"]), START_TIMEOUT["leaderboard"])
     return rec
@@ -394,6 +454,25 @@ def _configure_dvc(cwd: Path, env: dict[str, str]) -> bool:
     return True
 
 
+def write_credentials(home: Path | str | None = None, ports: dict[str, int] | None = None) -> Path:
+    """`<home>/credentials.env` without starting anything (docker compose's env file): secrets kept, URLs refreshed."""
+    home = stack_home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    _write_credentials(home, resolve_ports(ports))
+    return home / "credentials.env"
+
+
+def configure_dvc_from_env(cwd: Path | str | None = None, env: dict | None = None) -> bool:
+    """Point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's credentials (a container's worker)."""
+    env = os.environ if env is None else env
+    missing = [k for k in ("SEGPIPE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env.get(k)]
+    if missing:
+        raise StackError(f"cannot configure the DVC remote: {', '.join(missing)} not set (docker compose passes "
+                         "them from .segpipe/credentials.env)")
+    return _configure_dvc(Path(cwd or Path.cwd()).resolve(), env)
+
+
 # ---- the API --------------------------------------------------------------------------------------
 
 def _running(name: str, rec: dict | None, ports: dict[str, int]) -> bool:
@@ -405,8 +484,11 @@ def _running(name: str, rec: dict | None, ports: dict[str, int]) -> bool:
 
 def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
        services: list[str] | tuple[str, ...] | None = None, *, labels: Path | str | None = None,
-       cwd: Path | str | None = None) -> dict[str, dict]:
-    """Start the missing services (all by default), leave running ones alone; returns `status`."""
+       cwd: Path | str | None = None, alert_webhook: str | None = None) -> dict[str, dict]:
+    """Start the missing services (all by default), leave running ones alone; returns `status`.
+
+    With the Prefect server up, (re)creates the automations: runs that stop sending heartbeats are marked Crashed,
+    and failed or crashed runs are posted to `alert_webhook` (default $SEGPIPE_ALERT_WEBHOOK) if there is one."""
     services = list(services or SERVICES)
     unknown = sorted(set(services) - set(SERVICES))
     if unknown:
@@ -444,6 +526,8 @@ def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
         if name == "s3":
             _after_s3(env)
             _configure_dvc(cwd, env)
+        if name == "prefect":
+            _install_automations(home, ports, cwd, alert_webhook or os.environ.get(ALERT_WEBHOOK_ENV))
     state["ports"] = ports
     _save_state(home, state)
     return status(home)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -20,6 +19,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segpipe.coco import CocoFile, rasterize
+from segpipe.parallel import worker_pool
 
 # Annotation counts per class in the real competition's train_all.json (General trash .. Clothing):
 # Paper and Plastic bag dominate, Battery and Clothing are rare.
@@ -232,7 +232,7 @@ def generate(
             for i in range(len(names[s]))]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) >= 64:  # per-image seeds: identical output for any worker count
-        with get_context("fork").Pool(workers) as pool:
+        with worker_pool(workers) as pool:   # forked processes, or threads in a threaded process
             rendered = pool.map(_render, jobs, chunksize=16)
     else:
         rendered = [_render(j) for j in jobs]

@@ -16,7 +16,6 @@ import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from pycocotools import mask as mask_utils
 from segpipe.coco import (
     CocoFile, DataError, LayoutError, UnknownCategoryError, class_map, load_coco, read_mask_png_layout,
 )
+from segpipe.parallel import worker_pool
 
 COORD_TOLERANCE = 1.0   # px: exporters write edge vertices at exactly width/height, sometimes a rounding beyond
 FATAL = {
@@ -125,8 +125,7 @@ def inspect_files(paths: list[str], workers: int | None = None) -> pd.DataFrame:
     """Inspect files in a process pool of os.cpu_count() workers (in-process for a handful of files)."""
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(paths) >= 32:
-        # fork: children inherit imports, so the pool starts in milliseconds
-        with get_context("fork").Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             rows = pool.map(inspect_file, paths, chunksize=max(1, len(paths) // (workers * 8)))
     else:
         rows = [inspect_file(p) for p in paths]

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from segpipe import stack
 from segpipe.storage import S3Config
 
 REPO = Path(__file__).resolve().parents[1]
+# DVC's usage report: with no network its daemon leaves a JSON file in /tmp for every dvc command the tests run
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def free_port() -> int:
@@ -70,13 +73,8 @@ def s3(tmp_path_factory) -> S3Config:
         '{"identities":[{"name":"segpipe","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
         '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (cfg.access_key, cfg.secret_key)
     )
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3", "admin", "iceberg", "lance", "webdav")}
-    cmd = [
-        _weed_binary(), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-s3.port.iceberg={ports['iceberg']}",
-        f"-s3.port.lance={ports['lance']}", f"-webdav.port={ports['webdav']}", f"-s3.config={root / 's3.json'}",
-    ]
+    ports = {"s3": free_port(), **{f"weed_{n}": free_port() for n in stack.WEED_INTERNAL}}
+    cmd = stack.weed_command(_weed_binary(), root / "data", ports, s3_config=root / "s3.json")
     (root / "data").mkdir()
     log = open(root / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

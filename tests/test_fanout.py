@@ -22,7 +22,9 @@ def test_a_failing_member_leaves_the_others_finished(tmp_path, s3_env, monkeypat
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.caching import StageRunner
     from flows.full_pipeline import fan_out
+    from pipelines.contentkey import StageKeys
 
     run_dir = tmp_path
     vdir = make_tiny(tmp_path)
@@ -36,12 +38,15 @@ def test_a_failing_member_leaves_the_others_finished(tmp_path, s3_env, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     prefix = f"runs/fanout-{os.getpid()}"
+    monkeypatch.setenv("SEGPIPE_TIMING_FILE", "")
 
     @flow
     def two_members():
         # fold 7 does not exist in a 2-fold split: that member fails in its own process
-        return fan_out("train", [("tiny", 0, 7), ("tiny", 0, 0)], run_dir, "params.yaml",
-                       FanoutParams(slots_per_gpu=1, cpu_slots=2), prefix)
+        stages = StageRunner(StageKeys(REPO / "params.yaml", root=REPO), ArtifactStore(s3_env), "fanout", run_dir,
+                             prefix)
+        return fan_out(stages, "train", [("tiny", 0, 7), ("tiny", 0, 0)], run_dir, "params.yaml",
+                       FanoutParams(slots_per_gpu=1, cpu_slots=2), [str(tmp_path)])
 
     with prefect_test_harness(server_startup_timeout=180):
         with pytest.raises(RuntimeError, match=r"1 of 2 members failed \(tiny-s0-f7\)"):

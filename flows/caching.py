@@ -1,0 +1,220 @@
+"""Stage tasks keyed on content: a stage whose key is unchanged is served from its stored result, not run again.
+
+The key (pipelines.contentkey) hashes the stage's code, its params section and its upstream stages' keys, the
+same things `dvc repro` compares. The Prefect task's cache key *is* that key (never a hash of pickled inputs),
+and its result is persisted in the S3 store (`s3://<bucket>/prefect-results/<key>`), so any later run, on any
+worker, finds it. The result is a manifest: the S3 prefix the stage's files were uploaded to, each file's
+sha256, and the stage function's own return value. A hit materialises those files into this run's folder
+(verified against the manifest; hard-linked from the producing run's folder when it is still on this disk,
+else downloaded), so the downstream stages read them exactly as if the stage had just run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.filesystems import RemoteFileSystem
+from prefect.task_runners import TaskRunner
+
+from flows.tasks import retry_unless_oom
+from pipelines.common import record_timing
+from pipelines.contentkey import StageKeys
+from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, sha256_file
+
+RESULTS_PREFIX = "prefect-results"
+
+
+RESULTS_BLOCK = "segpipe-results"
+
+
+def result_storage(cfg: S3Config) -> RemoteFileSystem:
+    """Prefect result storage in the artifact bucket (s3fs), saved as the block `segpipe-results` (Prefect wants
+    result storage persisted server-side). Only the endpoint and region are in the block: the credentials come
+    from the worker's environment (AWS_ACCESS_KEY_ID/...), so none is ever stored in Prefect."""
+    settings: dict = {"client_kwargs": {"region_name": cfg.region}}
+    if cfg.endpoint_url:
+        settings["client_kwargs"]["endpoint_url"] = cfg.endpoint_url
+    block = RemoteFileSystem(basepath=f"s3://{cfg.bucket}/{RESULTS_PREFIX}", settings=settings)
+    block.save(RESULTS_BLOCK, overwrite=True)
+    return block
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage task returns and Prefect stores under the stage's key."""
+
+    label: str                  # train-fpn_mbv2-s0-f1, infer-r0, ...
+    key: str                    # the content key
+    run: str                    # the run that produced the files
+    local: str                  # their folder in that run (relative to the project root)
+    prefix: str                 # their S3 key prefix
+    files: dict[str, str]       # relative path -> sha256
+    result: Any                 # the stage function's own return value
+    seconds: float              # the stage's own work, in the producing run
+
+
+def _key_from_parameters(ctx, parameters: dict) -> str:
+    return parameters["key"]
+
+
+CONTENT_KEY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters)
+
+
+def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
+                own_process: bool = False) -> StageOutput:
+    log = get_run_logger()
+    log.info("%s: key %s not in the store; running it", label, key)
+    t0 = time.time()
+    result = call()
+    t1 = time.time()
+    # a stage in its own process records its work there (pipelines.common.run_main): here it is start-up + work
+    record_timing("task" if own_process else "work", label, t0, t1)
+    store = ArtifactStore(S3Config.from_env())
+    out_dir = Path(out_dir)
+    files = {}
+    for rel in store.upload_dir(out_dir, prefix):     # conditional writes: never over another run's keys
+        files[rel[len(prefix) + 1:]] = sha256_file(out_dir / rel[len(prefix) + 1:])
+    record_timing("upload", label, t1, time.time())
+    log.info("%s: %d files stored under %s", label, len(files), store.url(prefix))
+    return StageOutput(label, key, run, str(out_dir), prefix, files, result, round(t1 - t0, 3))
+
+
+def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
+    """One Prefect task per stage (the task name is the stage name); task runs are named by their label."""
+    @task(name=name, task_run_name="{label}", cache_policy=CONTENT_KEY, persist_result=True, retries=retries,
+          retry_delay_seconds=delay, retry_condition_fn=retry_if)
+    def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any]) -> StageOutput:
+        return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"))
+    return stage
+
+
+# a data error is not transient: validate never retries; training retries once (it resumes from its checkpoint),
+# unless it ran out of memory (the same batch would again)
+STAGE_TASKS = {"validate": _make_task("validate"), "split": _make_task("split"),
+               "train": _make_task("train", retries=1, retry_if=retry_unless_oom),
+               "retrain": _make_task("retrain", retries=1, retry_if=retry_unless_oom),
+               "infer": _make_task("infer"), "audit": _make_task("audit"), "pseudo": _make_task("pseudo"),
+               "ablation": _make_task("ablation")}
+
+
+class StaleCacheError(StorageError):
+    """A stored result's files are gone or damaged in the artifact store: the stage must run again."""
+
+
+def _rebase(value: Any, old: Path, new: Path) -> Any:
+    """The stage's return value with paths under the producing run's folder moved to this run's."""
+    if isinstance(value, Path):
+        try:
+            return new / value.relative_to(old)
+        except ValueError:
+            return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _rebase(getattr(value, f.name), old, new) for f in dataclasses.fields(value)
+                   if isinstance(getattr(value, f.name), Path)}
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+def materialise(out: StageOutput, dst: Path, store: ArtifactStore) -> None:
+    """Make dst hold exactly the manifest's files (all or nothing): kept if already right, hard-linked from the
+    producing run's folder when its copy checks out, else downloaded and verified."""
+    dst = Path(dst)
+    if dst.is_dir() and all((dst / r).is_file() and sha256_file(dst / r) == h for r, h in out.files.items()):
+        return                                     # this run's own output (a retried flow run)
+    tmp = dst.with_name(f".{dst.name}.materialise-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, sha in out.files.items():
+            target, local = tmp / rel, Path(out.local) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if local.is_file() and sha256_file(local) == sha:
+                os.link(local, target)
+                continue
+            try:
+                store.get_file(f"{out.prefix}/{rel}", target)
+            except CorruptArtifactError as e:
+                raise StaleCacheError(f"{out.label}: stored result damaged ({e})") from None
+            except StorageError as e:
+                raise StaleCacheError(f"{out.label}: stored result incomplete ({e})") from None
+            if sha256_file(target) != sha:
+                raise StaleCacheError(f"{out.label}: {store.url(out.prefix + '/' + rel)} does not match the manifest")
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class StageRun:
+    """One stage of this flow run, as the run summary lists it."""
+
+    label: str
+    key: str
+    cached: bool
+    artifacts: str              # s3:// URI of the stage's files (the producing run's prefix on a hit)
+    seconds: float
+
+
+class StageRunner:
+    """Runs the stages of one flow run through their content-keyed tasks and keeps the table for the summary."""
+
+    def __init__(self, keys: StageKeys, store: ArtifactStore, run: str, run_dir: Path, prefix: str):
+        self.keys, self.store, self.run, self.run_dir, self.prefix = keys, store, run, Path(run_dir), prefix
+        self.storage = result_storage(store.cfg)
+        self.table: list[StageRun] = []
+        self.outputs: dict[str, StageOutput] = {}
+
+    def key(self, stage: str, upstream: list[str], item: dict | None = None, extra: dict | None = None) -> str:
+        return self.keys.key(stage, upstream, item, extra)
+
+    def submit(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], refresh: bool = False,
+               runner: TaskRunner | None = None):
+        """Start the stage's task (a future); `rel` is its folder under the run (and its S3 prefix). `runner`: a
+        task runner other than the flow's (the train matrix on a Ray cluster)."""
+        t = STAGE_TASKS[stage].with_options(result_storage=self.storage, refresh_cache=refresh or None)
+        args = {"label": label, "key": key, "run": self.run, "out_dir": self.run_dir / rel,
+                "prefix": f"{self.prefix}/{rel}", "call": call}
+        return runner.submit(t, parameters=args) if runner is not None else t.submit(**args)
+
+    def finish(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], future,
+               runner: TaskRunner | None = None) -> Any:
+        """Wait for the task; on a cache hit bring its files into this run (or run it again if they are gone)."""
+        out: StageOutput = future.result()
+        dst = self.run_dir / rel
+        cached = out.run != self.run
+        if cached:
+            t0 = time.time()
+            try:
+                materialise(out, dst, self.store)
+            except StaleCacheError as e:
+                get_run_logger().warning("%s; running the stage again", e)
+                out = self.submit(stage, label, key, rel, call, refresh=True, runner=runner).result()
+                cached = False
+            record_timing("materialise", label, t0, time.time())
+        self.table.append(StageRun(label, key, cached, self.store.url(out.prefix), out.seconds))
+        self.outputs[label] = out
+        if cached:
+            get_run_logger().info("%s: unchanged (key %s); reused the result of run %s from %s", label, key,
+                                  out.run, self.store.url(out.prefix))
+        return _rebase(out.result, Path(out.local), dst)
+
+    def __call__(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any]) -> Any:
+        return self.finish(stage, label, key, rel, call, self.submit(stage, label, key, rel, call))
+
+    def urls(self, label: str, under: str = "") -> list[str]:
+        """s3:// URIs of a finished stage's files (under a sub-folder), wherever the producing run put them."""
+        out = self.outputs[label]
+        return [self.store.url(f"{out.prefix}/{rel}") for rel in sorted(out.files) if rel.startswith(under)]
+
+    def summary_rows(self) -> list[dict]:
+        return [dataclasses.asdict(r) for r in self.table]

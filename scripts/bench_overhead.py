@@ -1,0 +1,175 @@
+"""How much of a full-pipeline run is not the stages' own work, and how long a "nothing changed" night takes.
+
+    python -m scripts.bench_overhead                      # demo size (params.yaml as it is)
+    python -m scripts.bench_overhead --size competition   # 3,300 x 512 px photos, 7.9 objects each; 1 epoch, no pseudo round
+
+In a throwaway copy of the project (under --out, default /tmp/segpipe-bench-overhead/<size>) it generates the
+dataset with DVC first (a nightly run finds its data in place), starts its own stack on free ports, registers the
+deployments and runs `prefect deployment run full-pipeline/demo --watch` twice, as a user would:
+
+1. the first run does all the work. Every stage records the interval of its own work (the stage function; a
+   training member inside its own process, after the interpreter and torch have started). The overhead is the
+   share of the run's wall time (the CLI's, from `deployment run` to the final state) during which no stage was
+   working: Prefect (scheduling, worker pick-up, task and result handling), DVC, S3 transfers, process start-up.
+   The ratio is taken within the one run, so a machine shared with other jobs slows both sides alike.
+2. the second run, with identical data, params and code, is the "nothing changed" night: its wall time.
+
+Prints a table and writes bench.json beside the project copy; the load (`uptime`) is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from segpipe import stack
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SIZES = {
+    "demo": {},
+    # the competition's size; a reduced budget so it ends on a CPU: 1 epoch per member, no pseudo-label round
+    "competition": {"generate": {"n_train": 3300, "n_test": 819, "image_size": 512, "objects_per_image": 7.9},
+                    "train": {"epochs": 1}, "pseudo": {"rounds": 0}},
+}
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{socket.gethostname()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def copy_project(dst: Path) -> Path:
+    """Tracked and new (not ignored) files of this checkout, as its own git repository (DVC needs one)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+def free_ports() -> dict[str, int]:
+    import random
+    while True:
+        base = random.randrange(20000, 45000)
+        ok = True
+        for port in [*range(base, base + 11), *range(base + 10000, base + 10009)]:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
+
+
+def union_seconds(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of the intervals, clipped to [lo, hi]."""
+    total, end = 0.0, lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def one_run(project: Path, env: dict, api: str) -> dict:
+    before = set(p.name for p in (project / "runs").glob("*")) if (project / "runs").exists() else set()
+    t0 = time.time()
+    out = run([str(BIN / "prefect"), "deployment", "run", "full-pipeline/demo", "--watch"], project, env)
+    t1 = time.time()
+    if "Completed" not in out:
+        raise RuntimeError(f"the run did not complete:\n{out[-3000:]}")
+    (rid,) = [p.name for p in (project / "runs").glob("*") if p.name not in before]
+    summary = json.loads((project / "runs" / rid / "summary.json").read_text())
+    rows = [json.loads(line) for line in (project / "runs" / rid / "timings.jsonl").read_text().splitlines()]
+    work = [(r["start"], r["end"]) for r in rows if r["kind"] == "work"]
+    busy = union_seconds(work, t0, t1)
+    by_kind: dict[str, float] = {}
+    for r in rows:
+        by_kind[r["kind"]] = round(by_kind.get(r["kind"], 0.0) + r["end"] - r["start"], 2)
+    fr = requests.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, timeout=30).json()[0]
+    return {"run": rid, "flow_run_name": fr["name"], "wall_s": round(t1 - t0, 1),
+            "flow_run_s": round(fr.get("total_run_time") or 0.0, 1), "stage_work_s": round(busy, 1),
+            "overhead_s": round(t1 - t0 - busy, 1), "overhead_share": round(1 - busy / (t1 - t0), 4),
+            "summed_by_kind_s": by_kind, "stages_reused": summary["reused"], "stages": len(summary["stages"]),
+            "oof_miou": summary["oof_miou"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="demo")
+    p.add_argument("--out", type=Path, default=Path("/tmp/segpipe-bench-overhead"))
+    a = p.parse_args()
+    root = a.out / a.size
+    shutil.rmtree(root, ignore_errors=True)
+    project = copy_project(root / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in SIZES[a.size].items():
+        params[section].update(values)
+    ports = free_ports()
+    params["submit"]["base_url"] = f"http://127.0.0.1:{ports['leaderboard']}"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = {"size": a.size, "machine": machine(), "overrides": SIZES[a.size], "load_before": uptime()}
+    print(f"{a.size}: {machine()}\n{result['load_before']}", flush=True)
+
+    t = time.time()
+    run([str(BIN / "dvc"), "repro", "generate"], project, env)      # the data a nightly run finds in place
+    result["generate_s"] = round(time.time() - t, 1)
+    home = root / "home"
+    try:
+        t = time.time()
+        stack.up(home, ports, cwd=project, labels=project / "data/leaderboard")
+        result["stack_up_s"] = round(time.time() - t, 1)
+        env.update(stack.load_env(home), SEGPIPE_HOME=str(home))
+        run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)
+        api = env["PREFECT_API_URL"]
+        for name in ("first", "unchanged"):
+            print(f"{name} run ...", flush=True)
+            result[name] = one_run(project, env, api)
+            result[name]["load_after"] = uptime()
+            print(json.dumps(result[name], indent=1), flush=True)
+    finally:
+        stack.down(home)
+    (root / "bench.json").write_text(json.dumps(result, indent=2))
+    f, u = result["first"], result["unchanged"]
+    print(f"\n| {a.size} | wall s | stage work s | outside the stages | stages reused | load after |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| first run | {f['wall_s']} | {f['stage_work_s']} | {f['overhead_s']} s = {100 * f['overhead_share']:.1f} % "
+          f"| {f['stages_reused']}/{f['stages']} | {f['load_after'].split('load average:')[1].strip()} |")
+    print(f"| nothing changed | {u['wall_s']} | {u['stage_work_s']} | {u['overhead_s']} s | "
+          f"{u['stages_reused']}/{u['stages']} | {u['load_after'].split('load average:')[1].strip()} |")
+    print(f"\n{result['machine']}; load before: {result['load_before']}; written {root / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

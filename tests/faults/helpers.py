@@ -1,0 +1,268 @@
+"""Fault-injection helpers: a SeaweedFS we can stop and start, a faulty HTTP proxy, checksum walks, secret scans,
+training counts and the report table. Real processes and real services only; nothing here mocks S3 or Prefect."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+from segpipe.storage import ArtifactStore, S3Config, ensure_bucket
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT_JSON = REPO / "docs" / "fault-report.json"
+REPORT_MD = REPO / "docs" / "fault-report.md"
+
+
+# ---------------------------------------------------------------------------------------------- S3 we can stop
+class Weed:
+    """`weed mini` on fixed free ports with a persistent data dir: stop() and start() keep every object."""
+
+    def __init__(self, root: Path, base_port: int):
+        from segpipe.stack import WEED_FLAGS, WEED_INTERNAL
+        self.root, self.proc = root, None
+        self.s3_port = base_port
+        self.ports = {n: base_port + 1 + i for i, n in enumerate(WEED_INTERNAL)}
+        self.cfg = S3Config(f"http://127.0.0.1:{base_port}", "AK" + secrets.token_hex(8), secrets.token_hex(20),
+                            "segpipe")
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "s3.json").write_text(json.dumps({"identities": [{"name": "segpipe", "credentials": [
+            {"accessKey": self.cfg.access_key, "secretKey": self.cfg.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        from segpipe.stack import _bin
+        self.cmd = [_bin("weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-s3.port={base_port}", f"-s3.config={root / 's3.json'}",
+                    *(f"{WEED_FLAGS[n]}={p}" for n, p in self.ports.items())]
+
+    def env(self) -> dict[str, str]:
+        return {"SEGPIPE_S3_ENDPOINT": self.cfg.endpoint_url, "SEGPIPE_S3_BUCKET": self.cfg.bucket,
+                "AWS_ACCESS_KEY_ID": self.cfg.access_key, "AWS_SECRET_ACCESS_KEY": self.cfg.secret_key}
+
+    def start(self) -> None:
+        log = open(self.root / "weed.log", "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        ensure_bucket(self.cfg, self.cfg.bucket, retry_seconds=90)
+
+    def stop(self) -> None:
+        """SIGKILL the whole weed process group: the store vanishes mid-request, as a crashed host would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        deadline = time.monotonic() + 30        # the ports must be free again before a restart
+        while time.monotonic() < deadline and _listening(self.s3_port):
+            time.sleep(0.2)
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Stop now, start again after `seconds`, in the background."""
+        self.stop()
+
+        def later():
+            time.sleep(seconds)
+            self.start()
+        t = threading.Thread(target=later, daemon=True)
+        t.start()
+        return t
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------------------------------------- checksum walk
+def verify_prefix(store: ArtifactStore, prefix: str) -> list[str]:
+    """Read every object under `prefix/` back through ArtifactStore (which checks its recorded sha256); each must
+    carry one (no object written around the store). Returns the keys; raises on any corrupt or unchecked one."""
+    keys = store.list(prefix.rstrip("/") + "/")
+    for key in keys:
+        if store.sha256(key) is None:
+            raise AssertionError(f"{store.url(key)} has no recorded sha256: written around ArtifactStore")
+        store.get_bytes(key)                       # raises CorruptArtifactError on a mismatch
+    return keys
+
+
+def no_temp_leftovers(root: Path) -> list[Path]:
+    """Half-written local files (atomic writers' temp names) left under `root`."""
+    return [p for p in Path(root).rglob("*") if p.is_file() and re.search(r"\.(tmp\d*|part)$|\.tmp\d+$", p.name)]
+
+
+def assert_no_secrets(values: list[str], paths: list[Path], texts: list[str] = ()) -> int:
+    """No credential in any file under `paths` (recursively) nor in `texts`; returns the number of files read."""
+    values = [v for v in values if v and len(v) >= 8]
+    n = 0
+    for root in paths:
+        files = [root] if Path(root).is_file() else [p for p in Path(root).rglob("*") if p.is_file()]
+        for f in files:
+            if f.name in ("credentials.env", "s3.json") or f.suffix == ".db":
+                continue                            # where the secrets are meant to live
+            data = f.read_bytes()
+            n += 1
+            for v in values:
+                assert v.encode() not in data, f"a credential leaked into {f}"
+    for t in texts:
+        for v in values:
+            assert v not in t, "a credential leaked into a captured log"
+    return n
+
+
+TRAINED = re.compile(r"train (\S+): \d+ train / \d+ val images")
+REUSED = re.compile(r"train (\S+): unchanged inputs, params and code; reused")
+
+
+def trainings(text: str) -> list[str]:
+    """Members that really trained (not served from the result cache), from the train stage's own log lines."""
+    return TRAINED.findall(text)
+
+
+# ---------------------------------------------------------------------------------------------- faulty proxy
+class FaultProxy:
+    """A reverse HTTP proxy in front of a real server. `mode`: "pass", "down" (connection refused), "slow:<s>"
+    (answers after s seconds), or an int status answered without forwarding, for the next `n` requests whose path
+    contains `part`. Counts what reached it."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.rules, self.seen = upstream.rstrip("/"), [], []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                proxy.handle(self, "GET")
+
+            def do_POST(self):
+                proxy.handle(self, "POST")
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self._server_cls, self._handler = Server, Handler
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.up()
+
+    def up(self) -> None:
+        if self.server is None:
+            self.server = self._server_cls(("127.0.0.1", self.port), self._handler)
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        """Unreachable: nothing listens on the port (connection refused)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def fault(self, part: str, mode, n: int = 1) -> None:
+        self.rules.append([part, mode, n])
+
+    def count(self, part: str) -> int:
+        return sum(part in p for _, p in self.seen)
+
+    def handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = h.path.split("?")[0]
+        self.seen.append((method, path))
+        rule = next((r for r in self.rules if r[0] in path and r[2] > 0), None)
+        mode = None
+        if rule is not None:
+            rule[2] -= 1
+            mode = rule[1]
+            if isinstance(mode, int):
+                return self._send(h, mode, b'{"detail": "injected by FaultProxy"}')
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if method == "POST" else None
+        headers = {k: v for k, v in h.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            r = requests.request(method, self.upstream + h.path, headers=headers, data=body, timeout=60)
+        except requests.RequestException:
+            return self._send(h, 502, b'{"detail": "upstream unreachable"}')
+        if isinstance(mode, str) and mode.startswith("slow:"):
+            time.sleep(float(mode.split(":")[1]))     # the server has acted; its answer arrives late
+        self._send(h, r.status_code, r.content)
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            h.wfile.flush()
+        except OSError:
+            pass                                    # the client gave up (timeout): that is the point
+
+    def close(self) -> None:
+        self.down()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+@dataclass
+class Row:
+    scenario: str
+    form: str                     # short | long
+    trials: int
+    outcome: str
+    redone: str
+    lost: str = "nothing"
+    seconds: float = 0.0
+    details: list[str] = field(default_factory=list)
+
+
+def record(row: Row) -> None:
+    """Merge one scenario's result into docs/fault-report.json and regenerate docs/fault-report.md from it."""
+    import fcntl
+    REPORT_JSON.parent.mkdir(exist_ok=True)
+    import tempfile
+    with open(Path(tempfile.gettempdir()) / "segpipe-fault-report.lock", "w") as lock:   # two pytest runs at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(REPORT_JSON.read_text()) if REPORT_JSON.is_file() else {}
+        rows[f"{row.scenario}|{row.form}"] = {**row.__dict__,
+                                              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        REPORT_JSON.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        write_markdown(rows)
+
+
+def write_markdown(rows: dict) -> None:
+    lines = ["# Fault-injection report", "",
+             "Generated by the fault suite (`tests/faults/`) from its runs' actual outcomes: "
+             "`make test` runs the short form (`-m \"faults and not long\"`), `make test-faults` the long form. "
+             "Every row's artifacts were read back with their sha256 checked, and every log and artifact scanned "
+             "for the credentials.", "",
+             "| scenario | form | trials | outcome | work redone | lost | s | when |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(rows, key=lambda k: (int(re.match(r"\d+", k).group()) if re.match(r"\d+", k) else 99, k)):
+        r = rows[key]
+        lines.append(f"| {r['scenario']} | {r['form']} | {r['trials']} | {r['outcome']} | {r['redone']} | "
+                     f"{r['lost']} | {r['seconds']:.0f} | {r['when']} |")
+    notes = [f"- **{r['scenario']}** ({r['form']}): " + "; ".join(r["details"]) for r in
+             (rows[k] for k in sorted(rows)) if r.get("details")]
+    if notes:
+        lines += ["", "## Details", "", *notes]
+    REPORT_MD.write_text("\n".join(lines) + "\n")
