@@ -62,7 +62,8 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         for part in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f0/best.pt",
                      "train/fpn_mbv2-s0-f1/oof.npz", "infer/r0/members/fpn_mbv2-s0-f0/oof.npy",
                      "infer/r0/members/fpn_mbv2-s0-f1/test.npy", "pseudo/r1/provenance.json",
-                     "retrain/r1/fpn_mbv2-s0-f1/best.pt", "infer/r1/report.json", "ablation/ablation.json",
+                     "retrain/r1/fpn_mbv2-s0-f1/best.pt", "infer/r1/report.json", "audit/r0/ranking.json",
+                     "audit/r0/affected.json", "audit/r1/worst.png", "ablation/ablation.json",
                      "submit/submission.csv", "submit/result.json"):
             assert f"{summary['artifacts']}/{part}" in keys, f"{part} missing from S3"
 
@@ -78,6 +79,11 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         # the validate stage's EDA is in the Prefect UI: the report with its plots inlined, and its tables
         arts = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
             "key": {"any_": ["eda-report", "eda-class-stats", "eda-splits", "validation-summary"]}}}).json()
+        audits = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
+            "key": {"any_": ["label-noise-audit-r0", "label-noise-audit-r1", "cv-vs-leaderboard"]}}}).json()
+        assert {a["key"] for a in audits} == {"label-noise-audit-r0", "label-noise-audit-r1", "cv-vs-leaderboard"}
+        # the worst images' grid is drawn into the audit artifact itself
+        assert all("](data:image/png;base64," in a["data"] for a in audits if a["key"].startswith("label-noise"))
         assert {a["key"]: a["type"] for a in arts} == {"eda-report": "markdown", "eda-class-stats": "table",
                                                       "eda-splits": "table", "validation-summary": "table"}
         report = next(a["data"] for a in arts if a["key"] == "eda-report")
