@@ -152,6 +152,8 @@ def main() -> None:
         result["stack_up_s"] = round(time.time() - t, 1)
         env.update(stack.load_env(home), SEGPIPE_HOME=str(home))
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)
+        # the copy's nightly schedule off: a 02:00 UTC run must not land inside the measurement
+        run([str(BIN / "prefect"), "--no-prompt", "deployment", "schedule", "pause", "--all"], project, env)
         api = env["PREFECT_API_URL"]
         for name in ("first", "unchanged"):
             print(f"{name} run ...", flush=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,18 @@ def free_stack_ports() -> dict[str, int]:
     """s3 + weed's internal block (and their +10000 gRPC twins), Prefect, leaderboard."""
     base = free_port_block(11)
     return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
+
+
+def nightly_scheduled(api: str, wait_s: float = 120) -> list[dict]:
+    """The nightly deployment's flow runs in state Scheduled, waiting up to wait_s for the scheduler's loop."""
+    dep = requests.get(f"{api}/deployments/name/full-pipeline/nightly", timeout=30).json()
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = requests.post(f"{api}/flow_runs/filter", timeout=30, json={"flow_runs": {
+            "deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        if runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(3)
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -47,6 +60,11 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)
         ls = run([str(BIN / "prefect"), "deployment", "ls"], project, env).stdout
         assert "full-pipeline/demo" in ls and "full-pipeline/nightly" in ls
+        # the server's scheduler puts the nightly's next runs on the calendar (it could not under SQLAlchemy 2.1)
+        assert nightly_scheduled(env["PREFECT_API_URL"]), "the nightly deployment has no scheduled run"
+        # ... and off again: a test running at 02:00 UTC must not get a nightly run beside its own
+        run([str(BIN / "prefect"), "--no-prompt", "deployment", "schedule", "pause", "--all"], project, env)
+        assert not nightly_scheduled(env["PREFECT_API_URL"], wait_s=0)
 
         watched = run([str(BIN / "prefect"), "deployment", "run", "full-pipeline/demo", "--watch"], project, env)
         assert "Completed" in watched.stdout + watched.stderr

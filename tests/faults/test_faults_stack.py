@@ -45,6 +45,10 @@ class Stack:
         out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=self.project,
                              env=self.env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        # no nightly run of its own at 02:00 UTC beside the scenario's runs
+        out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deployment", "schedule", "pause", "--all"],
+                             cwd=self.project, env=self.env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         self.api = self.env["PREFECT_API_URL"]
         self.store = ArtifactStore(S3Config.from_env(self.env))
 
