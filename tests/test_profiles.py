@@ -125,3 +125,23 @@ def test_cv_vs_leaderboard_warns_beyond_the_margin(tmp_path, caplog):
     assert lines[0].startswith("n,") and len(lines) == 3
     assert (tmp_path / "cv_lb.png").stat().st_size > 5000
     assert "Warning" in (tmp_path / "cv_lb.md").read_text()
+
+
+def test_a_flow_runs_a_profile_from_its_own_params_copy(tmp_path):
+    """`full_pipeline(profile="quick")`: the run's params.yaml is the file with `profile: quick`, which the members'
+    processes and the stage keys read; an unknown profile fails before any work, naming the ones there are."""
+    from flows.full_pipeline import with_profile
+    from pipelines.contentkey import StageKeys
+
+    src = REPO / "params.yaml"
+    assert with_profile(src, "", tmp_path / "run") == src            # no profile asked: the file itself
+    copy = with_profile(src, "quick", tmp_path / "run")
+    assert copy == tmp_path / "run" / "params.yaml"
+    assert yaml.safe_load(copy.read_text())["profile"] == "quick"
+    quick = load_all(copy)
+    assert len(quick["train"].folds) == 1 and quick["split"].subset > 0
+    # every stage's key moves with the profile (profile and profiles are in each stage's params)
+    full_keys, quick_keys = StageKeys(src, root=REPO), StageKeys(copy, root=REPO)
+    assert full_keys.key("split", ["v"]) != quick_keys.key("split", ["v"])
+    with pytest.raises(ValueError, match="Wrong profile `fast`.*quick"):
+        with_profile(src, "fast", tmp_path / "other")
