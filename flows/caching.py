@@ -102,7 +102,8 @@ def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
 STAGE_TASKS = {"validate": _make_task("validate"), "split": _make_task("split"),
                "train": _make_task("train", retries=1, retry_if=retry_unless_oom),
                "retrain": _make_task("retrain", retries=1, retry_if=retry_unless_oom),
-               "infer": _make_task("infer"), "pseudo": _make_task("pseudo"), "ablation": _make_task("ablation")}
+               "infer": _make_task("infer"), "audit": _make_task("audit"), "pseudo": _make_task("pseudo"),
+               "ablation": _make_task("ablation")}
 
 
 class StaleCacheError(StorageError):

@@ -10,12 +10,14 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import pipelines.ablation
+import pipelines.audit
 import pipelines.fetch
 import pipelines.infer
 import pipelines.pseudo
@@ -41,20 +43,23 @@ def run_id() -> str:
 @flow(name="full-pipeline", flow_run_name=flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=8),
       log_prints=True)
 def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_name: str = "",
-                  fanout: dict | None = None) -> dict:
+                  fanout: dict | None = None, profile: str = "") -> dict:
     """The whole chain on the DVC-versioned data; every stage's outputs go to S3 under runs/<run>/.
 
     Every stage is keyed on content (flows.caching): one whose code, params and upstream keys are unchanged is
     served from the stored result of whichever run produced it. `fanout` overrides keys of params.yaml's fanout
     section for this run (a deployment's `{"runner": "ray"}`); where members train never changes a key.
+    `profile` (e.g. quick) picks an entry of params.yaml's `profiles` for this run; empty: the file's own.
     """
     log = get_run_logger()
-    p = load_all(Path(params_file))
-    p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     rid = run_name or run_id()
     # absolute: a Ray worker's working directory is not the flow's (the nodes share the project path instead)
     run_dir = (Path("runs") / rid).absolute()
     prefix = f"runs/{rid}"
+    # a profile: the run's own copy of the params (the members' processes and the stage keys read the same file)
+    params_file = str(with_profile(Path(params_file), profile, run_dir))
+    p = load_all(Path(params_file))
+    p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
     if submit:                                     # and a missing or refused leaderboard key
@@ -81,7 +86,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
     trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks])
     publish_members(trained, "train-metrics")
-    result, ki = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
+    result, ki, kaudit = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
     infer_keys = [ki]
 
     # pseudo -> retrain -> infer, pseudo.rounds times: each round labels the test set with the previous ensemble
@@ -90,10 +95,11 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
         stages("pseudo", f"pseudo-r{r}", kp, f"pseudo/r{r}",
                partial(pipelines.pseudo.run, p["data"], p["pseudo"], run_dir / "validate",
                        run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
+        # the previous round's audit decides which training images this round drops or relabels
         retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
-                                         [kv, ks, kp], r)
+                                         [kv, ks, kp, kaudit], r)
         publish_members(retrained, f"retrain-r{r}-metrics")
-        result, ki = infer_round(stages, p, run_dir, r, [kv, *member_keys])
+        result, ki, kaudit = infer_round(stages, p, run_dir, r, [kv, *member_keys])
         infer_keys.append(ki)
 
     # the ablation submits its rows' files (idempotent by sha256): a hit reuses the rows the leaderboard scored
@@ -123,14 +129,37 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
 
 
 def infer_round(stages: StageRunner, p: dict, run_dir: Path, round_: int, upstream: list[str]):
-    """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3."""
+    """Ensemble + TTA over round `round_`'s members; its probabilities, report and ablation rows go to S3; then the
+    label-noise audit of that ensemble (the next round drops or relabels what it lists). Returns the infer result
+    and the infer and audit keys."""
     out = run_dir / "infer" / f"r{round_}"
     key = stages.key("infer", upstream, {"round": round_})
     result = stages("infer", f"infer-r{round_}", key, f"infer/r{round_}",
                     partial(pipelines.infer.run, p["data"], p["infer"], run_dir / "validate",
                             tasks.members_dir(run_dir, round_), out, round_))
     publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
-    return result, key
+    ka = stages.key("audit", [upstream[0], key], {"round": round_})
+    audit = stages("audit", f"audit-r{round_}", ka, f"audit/r{round_}",
+                   partial(pipelines.audit.run, p["data"], p["audit"], run_dir / "validate", out,
+                           run_dir / "audit" / f"r{round_}"))
+    create_markdown_artifact(embed_images((audit.out_dir / "report.md").read_text(), audit.out_dir),
+                             key=f"label-noise-audit-r{round_}",
+                             description="training images ranked by their own out-of-fold mIoU, worst first")
+    return result, key, ka
+
+
+def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
+    """params_file itself, or (a profile asked for) a copy under the run with `profile` set: the train tasks'
+    processes read the same file, and the run keeps the params it ran with."""
+    if not profile:
+        return params_file
+    raw = yaml.safe_load(params_file.read_text())
+    if profile not in (raw.get("profiles") or {}):
+        raise ValueError(f"Wrong profile `{profile}`, profiles in {params_file}: {sorted(raw.get('profiles') or {})}")
+    out = run_dir / "params.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump({**raw, "profile": profile}, sort_keys=False))
+    return out
 
 
 def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str,
@@ -200,6 +229,10 @@ def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid:
     record_timing("work", "submit", t0, time.time())
     tasks.upload(run_dir / "submit", f"{prefix}/submit")     # never cached: the policy and the leaderboard decide
     publish_history(run_dir / "submit" / "history.json")
+    cv_lb = run_dir / "submit" / "cv_lb.md"     # OOF vs public over time; warns beyond submit.cv_lb_margin
+    if cv_lb.is_file():
+        create_markdown_artifact(embed_images(cv_lb.read_text(), cv_lb.parent), key="cv-vs-leaderboard",
+                                 description="every submission's OOF mIoU beside its public mIoU, oldest first")
     return {"public_miou": sub.public_score, "submission": sub.submission_id, "submit_status": sub.status,
             "submit_reason": sub.reason}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 import pipelines.ablation
+import pipelines.audit
 import pipelines.fetch
 import pipelines.infer
 import pipelines.pseudo
@@ -30,6 +31,7 @@ validate = task(pipelines.validate.run, name="validate", retries=0)
 split = task(pipelines.split.run, name="split")
 pseudo = task(pipelines.pseudo.run, name="pseudo")
 infer = task(pipelines.infer.run, name="infer")
+audit = task(pipelines.audit.run, name="audit")
 
 
 def leaderboard_key(block: str = "leaderboard-key", env: str = "SEGPIPE_LEADERBOARD_KEY") -> str | None:
@@ -121,7 +123,8 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
            "--fold", str(fold), "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"),
            "--out-root", str(out_root)]
     if round_:
-        cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}")]
+        # the previous round's label-noise audit says which training images to drop or relabel (audit.action)
+        cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"), "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
     with runners.device_lease(fanout, LEASE_DIR) as held:    # a file lease here, or what Ray reserved
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.common import write_json
+from segpipe.compare import CvLb, cv_lb_markdown, cv_lb_plot, cv_vs_lb
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
 from segpipe.leaderboard import LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Submission
 from segpipe.submission import lint_submission, write_submission
@@ -210,6 +211,7 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
         result = SubmitResult(status="dry-run", **base)
         write_json(out_dir / "result.json", asdict(result))
         write_json(out_dir / "history.json", history)
+        write_cv_lb(history, params.cv_lb_margin, out_dir)
         return result
     if not key:
         raise SubmitFailed(f"{KEY_ENV} is not set; export your leaderboard key or use submit.mode=dry-run")
@@ -246,9 +248,24 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
         public_per_class=sub.public_per_class, reused=reused, error=sub.error, **base)
     write_json(out_dir / "result.json", asdict(result))
     write_json(out_dir / "history.json", history)
+    write_cv_lb(history, params.cv_lb_margin, out_dir)
     if sub.status == "failed":
         raise SubmitFailed(f"leaderboard rejected submission {sub.id}: {sub.error}")
     return result
+
+
+def write_cv_lb(history: list[dict], margin: float, out_dir: Path) -> CvLb:
+    """Every scored submission's OOF beside its public mIoU, oldest first: cv_lb.csv (`dvc plots`), cv_lb.png,
+    cv_lb.md; a warning in the log (and the .md) for each pair further apart than the margin."""
+    cv = cv_vs_lb(history, margin)
+    columns = ("n", "time", "run", "submission_id", "oof_miou", "public_miou", "gap", "diverged")
+    (out_dir / "cv_lb.csv").write_text(",".join(columns) + "\n" + "".join(
+        ",".join(str(r[c]) for c in columns) + "\n" for r in cv.rows))
+    cv_lb_plot(cv, margin, out_dir / "cv_lb.png")
+    (out_dir / "cv_lb.md").write_text(cv_lb_markdown(cv, margin))
+    for w in cv.warnings:
+        log.warning(w)
+    return cv
 
 
 def infer_oof_miou(infer_dir: Path) -> float | None:

@@ -8,11 +8,12 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pipelines.common import parser, run_main, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
@@ -249,10 +250,31 @@ def write_curve(history: list[dict], path: Path) -> None:
     path.write_text("step\ttrain_loss\tval_miou\tlr\n" + rows)
 
 
+AFFECTED = "affected.json"   # the audit stage's list of dropped / relabelled training images
+
+
+def apply_audit(samples: list, audit_dir: Path) -> list:
+    """Training samples after the audit's action: `drop` removes the listed images, `relabel` swaps their masks
+    for the ensemble's pseudo-labels (audit_dir/<mask>); `none` changes nothing."""
+    affected = json.loads((audit_dir / AFFECTED).read_text())
+    by_name = {r["file_name"]: r for r in affected["images"]}
+    if affected["action"] == "drop":
+        kept = [s for s in samples if s.file_name not in by_name]
+    elif affected["action"] == "relabel":
+        kept = [replace(s, mask=audit_dir / by_name[s.file_name]["mask"]) if s.file_name in by_name else s
+                for s in samples]
+    else:
+        return samples
+    hit = sum(s.file_name in by_name for s in samples)
+    print(f"audit: {affected['action']} {hit} of this member's {len(samples)} training images "
+          f"<audit.action={affected['action']}, audit.n={len(by_name)}>", flush=True)
+    return kept
+
+
 def run(
     data: DataParams, params: TrainParams, model: str, seed: int, fold: int, validate_dir: Path, split_dir: Path,
     out_dir: Path, *, epochs: int | None = None, pseudo_dir: Path | None = None, resume_dir: Path | None = None,
-    curve: Path | None = None,
+    curve: Path | None = None, audit_dir: Path | None = None,
 ) -> TrainResult:
     """Train `model` on every fold but `fold` (+ pseudo-labelled test images if given); validate on `fold`."""
     if model not in params.models:
@@ -266,14 +288,21 @@ def run(
     folds = json.loads((split_dir / "folds.json").read_text())["folds"]
     if fold not in set(folds.values()):
         raise ValueError(f"fold {fold} not in the split (folds: {sorted(set(folds.values()))}); check train.folds")
-    train_s = [s for s in train_all if folds[s.file_name] != fold]
-    val_s = [s for s in train_all if folds[s.file_name] == fold]
+    # images outside folds.json (not in a quick profile's subset: split.subset) take no part
+    train_s = [s for s in train_all if s.file_name in folds and folds[s.file_name] != fold]
+    val_s = [s for s in train_all if folds.get(s.file_name) == fold]
+    if audit_dir is not None:
+        # the label-noise audit's worst images, dropped or relabelled: on the training side only, so every round's
+        # OOF mIoU is measured on the same images and labels
+        train_s = apply_audit(train_s, Path(audit_dir))
     if pseudo_dir is not None:
         # pseudo-labelled test images only ever join the training side, so validation stays honest
         train_s += load_pseudo_index(Path(pseudo_dir) / "index.json")
     inputs = {"train": samples_digest(train_s), "val": samples_digest(val_s)}
     if pseudo_dir is not None:
         inputs["pseudo"] = _sha256(Path(pseudo_dir) / "index.json")
+    if audit_dir is not None:
+        inputs["audit"] = _sha256(Path(audit_dir) / AFFECTED)
 
     size = params.input_size
     threads = cpu_threads(params)
@@ -359,13 +388,38 @@ def main(round_: int = 0) -> None:
     p.add_argument("--pseudo", type=Path, default=Path(f"artifacts/pseudo/r{round_}") if round_ else None)
     p.add_argument("--out-root", type=Path, default=Path(f"artifacts/retrain/r{round_}" if round_ else "artifacts/train"))
     p.add_argument("--curve", type=Path, help="also write the learning curve TSV here (dvc.yaml's plots)")
+    p.add_argument("--audit", type=Path, help="the label-noise audit's output: its affected.json says which "
+                   "training images to drop or relabel (audit.action)")
     a = p.parse_args()
     raw = read_params(a.params)
     data, params = parse_section(raw, "data", DataParams), parse_section(raw, "train", TrainParams)
     epochs = parse_section(raw, "retrain", RetrainParams).epochs if round_ else None
-    run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split,
-                         a.out_root / task_key(a.model, a.seed, a.fold), epochs=epochs, pseudo_dir=a.pseudo,
-                         curve=a.curve))
+    out_dir = a.out_root / task_key(a.model, a.seed, a.fold)
+    if _left_out_by_profile(a.params, params, a.model, a.seed, a.fold):
+        skip(out_dir, a.curve, raw.get("profile"))
+        return
+    run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split, out_dir, epochs=epochs,
+                         pseudo_dir=a.pseudo, curve=a.curve, audit_dir=a.audit))
+
+
+def _left_out_by_profile(params_file: Path, params: TrainParams, model: str, seed: int, fold: int) -> bool:
+    """In train.* as written (dvc.yaml's matrix) but not in the active profile's: a member to skip. A member in
+    neither (say a fold the split lacks) is not skipped: it runs, and fails naming the cause."""
+    base = (yaml.safe_load(Path(params_file).read_text()) or {}).get("train", {})
+    in_base = model in base.get("models", {}) and seed in base.get("seeds", ()) and fold in base.get("folds", ())
+    return in_base and not (model in params.models and seed in params.seeds and fold in params.folds)
+
+
+def skip(out_dir: Path, curve: Path | None, profile: str | None) -> None:
+    """A member of dvc.yaml's matrix (expanded from train.* as written) that the active profile leaves out: an
+    empty, marked output so DVC has its outs; infer finds no best.pt there and ignores it."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    write_json(out_dir / "skipped.json", {"member": out_dir.name, "profile": profile,
+                                          "reason": "not in the active profile's train.models/seeds/folds"})
+    if curve is not None:
+        Path(curve).parent.mkdir(parents=True, exist_ok=True)
+        Path(curve).write_text("step\ttrain_loss\tval_miou\tlr\n")
+    print(f"train {out_dir.name}: skipped, not in profile {profile!r} <profile={profile}>", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segpipe.profiles import PROFILE_KEY, PROFILES_KEY, ProfileError, apply_profile
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 TRASH_CLASSES = (
@@ -55,6 +57,7 @@ class SplitParams(Section):
     n_folds: int = Field(ge=2)
     seed: int = 0
     group_by: Literal["none", "batch"] = "batch"  # keep a batch folder in one fold (near-duplicates)
+    subset: int = Field(ge=0, default=0)   # > 0: only this many training images, picked by rare-class coverage
 
 
 class ModelSpec(Section):
@@ -193,6 +196,19 @@ class AblationParams(Section):
     description: str = "segpipe ablation"
 
 
+class AuditParams(Section):
+    show: int = Field(ge=0, default=12)          # the worst images drawn in the grid (photo | truth | prediction)
+    action: Literal["none", "drop", "relabel"] = "none"   # what the next training round does with the worst n
+    n: int = Field(ge=0, default=0)              # how many of the worst images the action touches
+    relabel_threshold: float = Field(gt=0, lt=1, default=0.5)   # relabel: pixels under it become ignore
+
+
+class CompareParams(Section):
+    light: str = "quick"            # the profile whose gains should predict the heavy profile's
+    heavy: str = "full"
+    metric: str = "artifacts/infer/r0/metrics.json:oof_miou"   # DVC metrics file and key an experiment is scored by
+
+
 SubmitPolicy = Literal["always", "if_better", "never"]
 
 
@@ -210,6 +226,7 @@ class SubmitParams(Section):
     poll_seconds: float = Field(gt=0, default=2.0)   # score polling interval
     allow_last_slot: bool = False   # the nightly run never spends the day's last slot; keep it for a human
     ledger: str = ".segpipe/submissions.json"   # sha256 -> submission; outside the stage's DVC-wiped out dir
+    cv_lb_margin: float = Field(ge=0, default=0.05)   # warn when a submission's |public - OOF mIoU| exceeds it
     # (the CV-vs-leaderboard history, submission_history.json, lives beside it for the same reason)
 
 
@@ -228,13 +245,14 @@ PARAM_SECTIONS: dict[str, type[Section]] = {
     "data": DataParams, "generate": GenerateParams, "validate": ValidateParams, "split": SplitParams,
     "train": TrainParams, "retrain": RetrainParams, "infer": InferParams, "pseudo": PseudoParams,
     "submit": SubmitParams, "fanout": FanoutParams, "ablation": AblationParams,
+    "audit": AuditParams, "compare": CompareParams,
 }
 
 S = TypeVar("S", bound=Section)
 
 
-def read_params(path: Path = DEFAULT_PARAMS) -> dict:
-    """Read the whole params file as a dict."""
+def read_params(path: Path = DEFAULT_PARAMS, profile: str | None = None) -> dict:
+    """Read the whole params file as a dict, with the active profile's overrides applied (segpipe.profiles)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the repository root or pass --params")
@@ -244,7 +262,10 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(data).__name__}")
-    return data
+    try:
+        return apply_profile(data, profile, str(path))
+    except ProfileError as e:
+        raise ParamsError(str(e)) from None
 
 
 def parse_section(raw: dict, section: str, cls: type[S], source: str = "params.yaml") -> S:
@@ -269,7 +290,7 @@ def load_params(section: str, cls: type[S] | None = None, path: Path = DEFAULT_P
 def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Section]:
     """Load every known section (fails on unknown top-level sections too)."""
     raw = read_params(path)
-    unknown = sorted(set(raw) - set(PARAM_SECTIONS))
+    unknown = sorted(set(raw) - set(PARAM_SECTIONS) - {PROFILE_KEY, PROFILES_KEY})
     if unknown:
         raise ParamsError(f"{path}: unknown sections {unknown}; valid: {sorted(PARAM_SECTIONS)}")
     return {name: parse_section(raw, name, cls, str(path)) for name, cls in PARAM_SECTIONS.items()}

@@ -80,7 +80,8 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         for part in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f0/best.pt",
                      "train/fpn_mbv2-s0-f1/oof.npz", "infer/r0/members/fpn_mbv2-s0-f0/oof.npy",
                      "infer/r0/members/fpn_mbv2-s0-f1/test.npy", "pseudo/r1/provenance.json",
-                     "retrain/r1/fpn_mbv2-s0-f1/best.pt", "infer/r1/report.json", "ablation/ablation.json",
+                     "retrain/r1/fpn_mbv2-s0-f1/best.pt", "infer/r1/report.json", "audit/r0/ranking.json",
+                     "audit/r0/affected.json", "audit/r1/worst.png", "ablation/ablation.json",
                      "submit/submission.csv", "submit/result.json"):
             assert f"{summary['artifacts']}/{part}" in keys, f"{part} missing from S3"
 
@@ -96,10 +97,16 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         # the validate stage's EDA is in the Prefect UI: the report with its plots inlined, and its tables
         arts = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
             "key": {"any_": ["eda-report", "eda-class-stats", "eda-splits", "validation-summary"]}}}).json()
+        audits = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
+            "key": {"any_": ["label-noise-audit-r0", "label-noise-audit-r1", "cv-vs-leaderboard"]}}}).json()
+        assert {a["key"] for a in audits} == {"label-noise-audit-r0", "label-noise-audit-r1", "cv-vs-leaderboard"}
+        # the worst images' grid is drawn into the audit artifact itself
+        assert all("](data:image/jpeg;base64," in a["data"] for a in audits if a["key"].startswith("label-noise"))
+        assert all(len(a["data"]) < 200_000 for a in audits)    # previews: an artifact travels whole in an event
         assert {a["key"]: a["type"] for a in arts} == {"eda-report": "markdown", "eda-class-stats": "table",
                                                       "eda-splits": "table", "validation-summary": "table"}
         report = next(a["data"] for a in arts if a["key"] == "eda-report")
-        assert report.count("](data:image/png;base64,") == 6 and f"{summary['artifacts']}/validate/eda/" in report
+        assert report.count("](data:image/") == 6 and f"{summary['artifacts']}/validate/eda/" in report
 
         # the leaderboard holds the submission with the same public score
         lb = requests.get(f"http://127.0.0.1:{ports['leaderboard']}/api/v1/competition/1/submissions/",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 import pipelines.validate as stage
 from segpipe.config import TRASH_CLASSES, DataParams, ValidateParams
-from segpipe.eda import embed_images, median_frequency_weights, size_bucket
+from segpipe.eda import INLINE_BYTES, embed_images, median_frequency_weights, preview_jpeg, size_bucket
 
 
 def rect(x0, y0, x1, y1) -> list[list[float]]:
@@ -105,9 +106,29 @@ def test_embed_images_inlines_local_plots_only(eda_out):
     eda = eda_out / "eda"
     text = (eda / "report.md").read_text() + "\n![remote](https://example.com/x.png)\n![gone](missing.png)\n"
     out = embed_images(text, eda)
-    uris = dict(re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", out))
+    found = re.findall(r"!\[([^\]]*)\]\(data:(image/png|image/jpeg);base64,([A-Za-z0-9+/=]+)\)", out)
+    uris = {alt: (mime, base64.b64decode(b)) for alt, mime, b in found}
     assert set(uris) == {"pixel share", "co-occurrence", "object sizes", "samples", "largest overlaps",
                          "tiniest objects"}
-    assert base64.b64decode(uris["samples"]) == (eda / "samples.png").read_bytes()
+    for alt, (mime, data) in uris.items():
+        name = re.search(rf"!\[{re.escape(alt)}\]\(([^)]+)\)", text).group(1)
+        original = (eda / name).read_bytes()
+        if len(original) <= INLINE_BYTES:      # small plots as they are, larger ones as a JPEG preview that fits
+            assert (mime, data) == ("image/png", original), alt
+        else:
+            assert mime == "image/jpeg" and len(data) <= INLINE_BYTES and data[:2] == b"\xff\xd8", alt
     assert "](https://example.com/x.png)" in out and "](missing.png)" in out and "](samples.png)" not in out
     assert embed_images(text, eda, max_bytes=10) == text
+
+
+def test_a_large_image_is_inlined_as_a_jpeg_preview_within_the_budget(tmp_path):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "grid.png"          # noise: ~3 MB as PNG, the worst case for any encoder
+    Image.fromarray(rng.integers(0, 255, (1200, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 2_000_000
+    out = embed_images("![grid](grid.png)", tmp_path, max_bytes=10_000_000, inline_bytes=60_000)
+    data = base64.b64decode(re.fullmatch(r"!\[grid\]\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)", out).group(1))
+    assert len(data) <= 60_000
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "JPEG" and im.width < 800 and abs(im.height / im.width - 1.5) < 0.02   # shape kept
+    assert len(preview_jpeg(big, 10**9)) > 60_000                     # fits: the full size, not scaled

@@ -92,8 +92,9 @@ def test_eda_is_published_as_artifacts_with_plots_inlined(prefect_server, tmp_pa
                                                    "eda-splits": "table", "validation-summary": "table"}
 
     report = arts["eda-report"].data
-    inlined = dict(re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report))
+    inlined = dict(re.findall(r"!\[([^\]]*)\]\(data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)\)", report))
     assert len(inlined) == 6 and not re.search(r"\]\((?!data:)[^)]*\.png\)", report)
+    assert len(report) < 600_000        # the artifact travels whole in a server event: previews, not full files
     assert base64.b64decode(inlined["pixel share"]) == (v.out_dir / "eda" / "pixel_share.png").read_bytes()
     assert "`s3://segpipe/runs/r1/validate/eda/samples.png`" in report and "class_stats.csv`" not in report
 

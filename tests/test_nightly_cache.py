@@ -76,7 +76,8 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
         first = full_pipeline(params_file="params.yaml", submit=False)
         assert first["reused"] == 0
         labels = [r["label"] for r in first["stages"]]
-        assert labels == ["validate", "split", "train-fpn_mbv2-s0-f0", "train-fpn_mbv2-s0-f1", "infer-r0", "ablation"]
+        assert labels == ["validate", "split", "train-fpn_mbv2-s0-f0", "train-fpn_mbv2-s0-f1", "infer-r0", "audit-r0",
+                          "ablation"]
         # the results Prefect persisted are in the S3 store, under the content keys
         stored = store.list("prefect-results/")
         assert all(f"prefect-results/{r['key']}" in stored for r in first["stages"])
@@ -87,7 +88,7 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
         assert [r["key"] for r in second["stages"]] == [r["key"] for r in first["stages"]]
         # the reused outputs are in this run's folder, byte for byte, for the stages downstream
         for rel in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f1/best.pt",
-                    "infer/r0/test_probs.npy", "ablation/ablation.json"):
+                    "infer/r0/test_probs.npy", "audit/r0/ranking.json", "ablation/ablation.json"):
             a, b = Path("runs") / first["run"] / rel, Path("runs") / second["run"] / rel
             assert b.is_file() and sha256_file(a) == sha256_file(b), rel
         # no stage's own work ran the second night: the timing log holds only materialisations
@@ -101,7 +102,7 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
         Path("params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         third = full_pipeline(params_file="params.yaml", submit=False)
         ran = {r["label"] for r in third["stages"] if not r["cached"]}
-        assert ran == {"infer-r0", "ablation"}, third["stages"]
+        assert ran == {"infer-r0", "audit-r0", "ablation"}, third["stages"]
         assert (Path("runs") / third["run"] / "train/fpn_mbv2-s0-f0/best.pt").is_file()
 
 

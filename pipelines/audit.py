@@ -1,0 +1,147 @@
+"""Stage `audit`: the label-noise audit. Every training image's out-of-fold mIoU under the round's ensemble (from the
+probabilities the infer stage kept: no model runs here), ranked worst first; the worst drawn as photo / ground
+truth / prediction; and the list of images the next training round drops or relabels (`audit.action`, `audit.n`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipelines.common import parser, run_main, write_json
+from pipelines.train import AFFECTED
+from segpipe.audit import MemberProbs, ensemble_oof, image_miou, pseudo_label, rank_images, worst_grid
+from segpipe.config import AuditParams, DataParams, parse_section, read_params
+from segpipe.datasets import load_index, read_image, read_mask
+
+SIZE = 256      # every OOF figure of the infer stage is measured at the submission resolution; so is this one
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    rows: list[dict]            # every OOF image, worst first: file_name, miou, rank, pixel_accuracy, ...
+    affected: list[str]         # the images the next round drops or relabels
+    action: str
+    out_dir: Path
+
+
+def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Path, out_dir: Path) -> AuditResult:
+    """Write out_dir/{ranking.csv, ranking.json, worst.png, report.md, affected.json, metrics.json} (+ masks/)."""
+    validate_dir, infer_dir, out_dir = Path(validate_dir), Path(infer_dir), Path(out_dir)
+    report_path = infer_dir / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path} not found: run the infer stage first")
+    report = json.loads(report_path.read_text())
+    train, _, classes = load_index(validate_dir / "index.json")
+    by_name = {s.file_name: s for s in train}
+    members = []
+    for name, d in sorted(report["member_details"].items()):
+        if d.get("epoch", "best") != "best":
+            continue               # kept epochs vote through their best member's fold already
+        mdir = infer_dir / "members" / name
+        names = json.loads((mdir / "index.json").read_text())["oof_file_names"]
+        members.append(MemberProbs(d["model"], names, np.load(mdir / "oof.npy", mmap_mode="r")))
+    oof_names = sorted({n for m in members for n in m.names})
+    nc, ignore = len(classes), data.ignore_index
+
+    scores: dict[str, tuple[float, float, float]] = {}
+    preds: dict[str, np.ndarray] = {}
+    confident: dict[str, np.ndarray] = {}
+    for name, probs in ensemble_oof(members, report["weights"], oof_names, SIZE):
+        truth = cv2.resize(read_mask(by_name[name].mask), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
+        pred = probs.argmax(0).astype(np.uint8)
+        valid = truth != ignore
+        acc = float((pred[valid] == truth[valid]).mean()) if valid.any() else float("nan")
+        sure = probs.max(0) >= params.relabel_threshold
+        scores[name] = (image_miou(truth, pred, nc, ignore), acc, float(sure.mean()))
+        preds[name] = pred
+        confident[name] = pseudo_label(probs, params.relabel_threshold, ignore)
+    ranked = rank_images(scores)
+    rows = [asdict(r) for r in ranked]
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / "ranking.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file_name"])
+        w.writeheader()
+        w.writerows(rows)
+    write_json(tmp / "ranking.json", rows)
+
+    worst = ranked[: params.show]
+    tiles = []
+    for r in worst:
+        image = cv2.resize(read_image(by_name[r.file_name].image), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+        truth = cv2.resize(read_mask(by_name[r.file_name].mask), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
+        tiles.append((image, truth, preds[r.file_name], f"#{r.rank} {r.file_name}  mIoU {r.miou:.3f}"))
+    if tiles:
+        worst_grid(tiles, tmp / "worst.png", f"lowest out-of-fold mIoU (ensemble of round {report.get('round')})")
+
+    action = params.action if params.n > 0 else "none"
+    affected = []
+    for r in ranked[: params.n if action != "none" else 0]:
+        entry = {"file_name": r.file_name, "rank": r.rank, "miou": r.miou}
+        if action == "relabel":
+            # the ensemble's confident OOF prediction (unsure pixels ignore), at the original mask's size
+            orig = read_mask(by_name[r.file_name].mask)
+            lab = cv2.resize(confident[r.file_name], (orig.shape[1], orig.shape[0]), interpolation=cv2.INTER_NEAREST)
+            rel = Path("masks") / Path(r.file_name).with_suffix(".png")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(tmp / rel), lab):
+                raise OSError(f"could not write relabelled mask {tmp / rel}")
+            entry["mask"] = str(rel)
+        affected.append(entry)
+    write_json(tmp / AFFECTED, {
+        "action": action, "n": params.n, "round": report.get("round"), "images": affected,
+        "relabel_threshold": params.relabel_threshold, "infer_report": str(report_path),
+        "rule": "the worst n images by out-of-fold mIoU; training side of the next round only"})
+    values = np.array([r.miou for r in ranked], float)
+    write_json(tmp / "metrics.json", {
+        "n_images": len(rows), "affected": len(affected),
+        "median_image_miou": float(np.nanmedian(values)) if len(values) else None,
+        "worst_image_miou": float(np.nanmin(values)) if len(values) else None,
+        "images_below_0.25": int(np.sum(values < 0.25))})
+    (tmp / "report.md").write_text(report_md(rows, affected, action, params, report.get("round"),
+                                             has_grid=bool(tiles)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out_dir)
+    print(f"audit: {len(rows)} training images ranked by out-of-fold mIoU (median {np.nanmedian(values):.3f}); "
+          f"worst: " + ", ".join(f"{r.file_name} {r.miou:.3f}" for r in ranked[:5])
+          + f"; next round: {action} {len(affected)} <audit.action={params.action}, audit.n={params.n}>", flush=True)
+    return AuditResult(rows, [a["file_name"] for a in affected], action, out_dir)
+
+
+def report_md(rows: list[dict], affected: list[dict], action: str, params: AuditParams, round_, has_grid: bool) -> str:
+    worst = "\n".join(f"| {r['rank']} | {r['file_name']} | {r['miou']:.4f} | {r['pixel_accuracy']:.3f} | "
+                      f"{r['confident_share']:.2f} |" for r in rows[: max(params.show, params.n)])
+    what = ("no image is changed <audit.action=none>" if action == "none" else
+            f"the worst {len(affected)} images are **{'dropped from' if action == 'drop' else 'relabelled with the ensemble pseudo-labels in'}** "
+            f"the next round's training side <audit.action={action}, audit.n={params.n}>: "
+            + ", ".join(a["file_name"] for a in affected))
+    grid = "![worst images: photo, ground truth, OOF prediction](worst.png)\n\n" if has_grid else ""
+    return (f"# Label-noise audit (round {round_})\n\nEvery training image's own mIoU under the out-of-fold ensemble "
+            f"(one confusion matrix per image, classes absent from both left out), lowest first. A low score is "
+            f"a hard image or a wrong label: look before you act.\n\nNext round: {what}.\n\n{grid}"
+            f"| rank | image | OOF mIoU | pixel acc. | confident share |\n|---|---|---|---|---|\n{worst}\n")
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--validate", type=Path, default=Path("artifacts/validate"))
+    p.add_argument("--infer", type=Path, default=Path("artifacts/infer/r0"))
+    p.add_argument("--out", type=Path, default=Path("artifacts/audit"))
+    a = p.parse_args()
+    raw = read_params(a.params)
+    run_main(lambda: run(parse_section(raw, "data", DataParams), parse_section(raw, "audit", AuditParams),
+                         a.validate, a.infer, a.out))
+
+
+if __name__ == "__main__":
+    main()
