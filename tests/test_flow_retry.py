@@ -48,7 +48,10 @@ def test_retry_continues_from_the_finished_stages(tmp_path):
         assert requests.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["state_type"] == "COMPLETED"
         (summary_path,) = (project / "runs").glob("*/summary.json")
         summary = json.loads(summary_path.read_text())
-        assert summary["reused"] == len(summary["stages"]) == 6, summary["stages"]   # nothing ran twice
+        # nothing ran twice: validate, split, two members, infer, its label-noise audit and the ablation all reused
+        assert [r["label"] for r in summary["stages"]] == ["validate", "split", "train-fpn_mbv2-s0-f0",
+                                                           "train-fpn_mbv2-s0-f1", "infer-r0", "audit-r0", "ablation"]
+        assert summary["reused"] == len(summary["stages"]), summary["stages"]
         assert summary["submit_status"] and 0.0 <= summary["public_miou"] <= 1.0
     finally:
         stack.down(home)
