@@ -88,8 +88,9 @@ def board(s3, tmp_path_factory):
     # the server starts before the dataset exists: labels are loaded lazily at scoring time
     server = Server(s3, root / "labels", root / "state", root / "server.log")
     names, labels = write_labels(root / "labels")
-    yield {"server": server, "names": names, "labels": labels, "root": root}
-    server.stop()
+    state = {"server": server, "names": names, "labels": labels, "root": root}
+    yield state
+    state["server"].stop()      # the one running now: a restart test replaces it
     log = (root / "server.log").read_text()
     assert all(k not in log for k in (*KEYS.values(), ADMIN, ABLATION_KEY)), "a key leaked into the server log"
 
