@@ -31,6 +31,7 @@ from pipelines.contentkey import StageKeys
 from pipelines.validate import ValidateResult
 from segpipe.config import load_all
 from segpipe.eda import embed_images
+from segpipe.profiles import apply_profile
 from segpipe.storage import ArtifactStore, S3Config
 
 
@@ -154,8 +155,7 @@ def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
     if not profile:
         return params_file
     raw = yaml.safe_load(params_file.read_text())
-    if profile not in (raw.get("profiles") or {}):
-        raise ValueError(f"Wrong profile `{profile}`, profiles in {params_file}: {sorted(raw.get('profiles') or {})}")
+    apply_profile(raw, profile, str(params_file))     # an unknown profile fails here, naming the defined ones
     out = run_dir / "params.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump({**raw, "profile": profile}, sort_keys=False))

@@ -11,13 +11,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 import pipelines.ablation
-import pipelines.audit
 import pipelines.fetch
-import pipelines.infer
-import pipelines.pseudo
-import pipelines.split
 import pipelines.submit
-import pipelines.validate
 from flows import runners
 from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
@@ -25,13 +20,9 @@ from segpipe.storage import ArtifactStore, S3Config
 
 LEASE_DIR = Path(".segpipe/leases")
 
-# A data error is not transient: validate never retries. I/O tasks do.
+# I/O tasks retry. The stages themselves run as content-keyed tasks (flows.caching.STAGE_TASKS), which say which
+# retry (validate never: a data error is not transient)
 fetch = task(pipelines.fetch.run, name="fetch", retries=2, retry_delay_seconds=[5, 30])
-validate = task(pipelines.validate.run, name="validate", retries=0)
-split = task(pipelines.split.run, name="split")
-pseudo = task(pipelines.pseudo.run, name="pseudo")
-infer = task(pipelines.infer.run, name="infer")
-audit = task(pipelines.audit.run, name="audit")
 
 
 def leaderboard_key(block: str = "leaderboard-key", env: str = "SEGPIPE_LEADERBOARD_KEY") -> str | None:
