@@ -43,14 +43,21 @@ def fake_infer(root: Path, vdir: Path, wrong: str) -> Path:
     return idir
 
 
-def test_relabel_writes_the_confident_ensemble_label_and_the_next_round_trains_on_it(tmp_path):
-    vdir = make_tiny(tmp_path)
-    samples = load_index(vdir / "index.json")[0]
-    wrong = samples[5].file_name
-    idir = fake_infer(tmp_path, vdir, wrong)
-    data = DataParams(root="unused", classes=CLASSES)
+DATA = DataParams(root="unused", classes=CLASSES)
 
-    res = audit.run(data, AuditParams(show=3, action="relabel", n=1, relabel_threshold=0.5), vdir, idir,
+
+def tiny_with_one_wrong(root: Path, wrong_at: int) -> tuple[Path, list, str, Path]:
+    """make_tiny's validated data, its samples, the image the ensemble disagrees with, and the infer folder."""
+    vdir = make_tiny(root)
+    samples = load_index(vdir / "index.json")[0]
+    wrong = samples[wrong_at].file_name
+    return vdir, samples, wrong, fake_infer(root, vdir, wrong)
+
+
+def test_relabel_writes_the_confident_ensemble_label_and_the_next_round_trains_on_it(tmp_path):
+    vdir, samples, wrong, idir = tiny_with_one_wrong(tmp_path, 5)
+
+    res = audit.run(DATA, AuditParams(show=3, action="relabel", n=1, relabel_threshold=0.5), vdir, idir,
                     tmp_path / "audit")
     assert res.rows[0]["file_name"] == wrong and res.affected == [wrong]
     assert all(r["miou"] > 0.9 for r in res.rows[1:])    # the others agree with their labels (up to resampled edges)
@@ -59,7 +66,7 @@ def test_relabel_writes_the_confident_ensemble_label_and_the_next_round_trains_o
     mask = read_mask(tmp_path / "audit" / affected["images"][0]["mask"])
     assert mask.shape == (SIZE, SIZE)                                  # the original mask's size
     assert (mask[:, : SIZE // 2 - 1] == 2).all()                       # confident: the ensemble's class
-    assert (mask[:, SIZE // 2 + 1:] == data.ignore_index).all()        # unsure: ignored, not guessed
+    assert (mask[:, SIZE // 2 + 1:] == DATA.ignore_index).all()        # unsure: ignored, not guessed
 
     after = train.apply_audit(samples, tmp_path / "audit")
     assert [s.file_name for s in after] == [s.file_name for s in samples]
@@ -68,18 +75,14 @@ def test_relabel_writes_the_confident_ensemble_label_and_the_next_round_trains_o
 
 
 def test_drop_leaves_the_worst_out_and_none_changes_nothing(tmp_path):
-    vdir = make_tiny(tmp_path)
-    samples = load_index(vdir / "index.json")[0]
-    wrong = samples[3].file_name
-    idir = fake_infer(tmp_path, vdir, wrong)
-    data = DataParams(root="unused", classes=CLASSES)
+    vdir, samples, wrong, idir = tiny_with_one_wrong(tmp_path, 3)
 
-    audit.run(data, AuditParams(show=0, action="drop", n=1), vdir, idir, tmp_path / "drop")
+    audit.run(DATA, AuditParams(show=0, action="drop", n=1), vdir, idir, tmp_path / "drop")
     assert [s.file_name for s in train.apply_audit(samples, tmp_path / "drop")] == \
         [s.file_name for s in samples if s.file_name != wrong]
     assert not (tmp_path / "drop" / "masks").exists()
 
-    res = audit.run(data, AuditParams(show=0, action="relabel", n=0), vdir, idir, tmp_path / "none")
+    res = audit.run(DATA, AuditParams(show=0, action="relabel", n=0), vdir, idir, tmp_path / "none")
     assert res.action == "none" and res.affected == []
     assert train.apply_audit(samples, tmp_path / "none") == samples
     assert cv2.imread(str(tmp_path / "none" / "worst.png")) is None    # show=0: no grid drawn
