@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -89,6 +90,7 @@ T = TypeVar("T")
 SHA256_META = "sha256"                   # object metadata key (sent as x-amz-meta-sha256)
 DEFAULT_RETRY_SECONDS = 90.0             # long enough to ride out a `segpipe stack down && up`
 MULTIPART_THRESHOLD = 64 * 1024 * 1024   # files above this go through boto3's managed multipart transfer
+UPLOAD_WORKERS = 8                       # parallel puts of one folder (botocore pools 10 connections)
 _CHUNK = 1024 * 1024
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}
@@ -380,7 +382,7 @@ class ArtifactStore:
             return self.url(key)
         return self._resolve_conflict(key, digest)
 
-    def put_file(self, local: Path | str, key: str, *, overwrite: bool = False) -> str:
+    def put_file(self, local: Path | str, key: str, *, overwrite: bool = False, digest: str | None = None) -> str:
         """Upload `local` to `key` (multipart above the threshold); returns its s3:// URI.
 
         By default a conditional write: an existing key with the same sha256 is a successful no-op
@@ -389,7 +391,7 @@ class ArtifactStore:
         local = Path(local)
         if not local.is_file():
             raise FileNotFoundError(f"{local} is not a file")
-        digest = sha256_file(local)
+        digest = digest or sha256_file(local)    # the caller's, if it has just hashed the file
         size = local.stat().st_size
         if size < self.transfer.multipart_threshold:
             extra = {} if overwrite else {"IfNoneMatch": "*"}
@@ -433,19 +435,32 @@ class ArtifactStore:
         """Remove `key` (no error if it is already gone): only for superseded state such as old checkpoints."""
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.cfg.bucket, Key=self._key(key)))
 
-    def upload_dir(self, local_dir: Path | str, key_prefix: str, *, overwrite: bool = False) -> list[str]:
-        """Upload every file under `local_dir` to `key_prefix/<relative path>`; returns the keys."""
+    def upload_dir(self, local_dir: Path | str, key_prefix: str, *, overwrite: bool = False,
+                   workers: int = UPLOAD_WORKERS, digests: dict[str, str] | None = None) -> list[str]:
+        """Upload every file under `local_dir` to `key_prefix/<relative path>`, `workers` at a time (a stage's
+        folder is mostly small files: one at a time, the round trips dominate); returns the keys, sorted.
+        `digests`, if given, receives each relative path's sha256 (computed for the upload anyway).
+        Any file failing fails the call, after the others have finished."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise FileNotFoundError(f"{local_dir} is not a directory")
         base = key_prefix.strip("/")
-        keys = []
+        jobs = []
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
-            key = f"{base}/{rel}" if base else rel
-            self.put_file(path, key, overwrite=overwrite)
-            keys.append(key)
-        return keys
+            jobs.append((path, rel, f"{base}/{rel}" if base else rel))
+
+        def put(path: Path, rel: str, key: str) -> None:
+            digest = sha256_file(path)
+            self.put_file(path, key, overwrite=overwrite, digest=digest)
+            if digests is not None:
+                digests[rel] = digest
+
+        with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:     # boto3 clients are thread-safe
+            futures = [pool.submit(put, *job) for job in jobs]
+            for fut in futures:
+                fut.result()
+        return [key for _, _, key in jobs]
 
 
 def _add_if_none_match(params, **kwargs) -> None:
