@@ -63,14 +63,20 @@ def run(data: DataParams, push: bool = True) -> str:
         raise FileNotFoundError(f"dataset {data.root} (params.yaml data.root) is not there after DVC: "
                                 "`dvc add` it or `dvc import-url` it, then commit the .dvc file")
     if push:
-        # keep the remote complete, so another machine (or the nightly worker) can `dvc pull` this version
-        res = _dvc("push", check=False)
-        if res.returncode != 0:
-            log.warning("dvc push failed (remote not configured or unreachable); data stays local: %s",
-                        res.stderr.strip()[-300:])
+        push_data()
     version = data_version(data.root)
     print(f"fetch: dataset {data.root} at data version {version}")
     return version
+
+
+def push_data() -> bool:
+    """`dvc push`: keep the remote complete, so another machine (or the nightly worker) can `dvc pull` this
+    version. A remote that is not configured or not reachable is a warning: the data stays local."""
+    res = _dvc("push", check=False)
+    if res.returncode != 0:
+        log.warning("dvc push failed (remote not configured or unreachable); data stays local: %s",
+                    res.stderr.strip()[-300:])
+    return res.returncode == 0
 
 
 def main() -> None:
