@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +26,9 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner
 
+from flows import warm
 from flows.tasks import retry_unless_oom
-from pipelines.common import record_timing
+from pipelines.common import record_timing, timed_call
 from pipelines.contentkey import StageKeys
 from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, sha256_file
 
@@ -70,19 +72,22 @@ CONTENT_KEY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters)
 
 
 def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
-                own_process: bool = False) -> StageOutput:
+                own_process: bool = False, isolated: bool = False) -> StageOutput:
     log = get_run_logger()
     log.info("%s: key %s not in the store; running it", label, key)
     t0 = time.time()
-    result = call()
+    if isolated:    # in a process forked from the warm server: its imports are made, its memory goes with it
+        result = warm.call(partial(timed_call, label, call), lambda line: line.strip() and log.info(line))
+    else:
+        result = call()
     t1 = time.time()
-    # a stage in its own process records its work there (pipelines.common.run_main): here it is start-up + work
-    record_timing("task" if own_process else "work", label, t0, t1)
+    # a stage in its own process records its work there (pipelines.common): here it is start-up + work
+    record_timing("task" if own_process or isolated else "work", label, t0, t1)
     store = ArtifactStore(S3Config.from_env())
     out_dir = Path(out_dir)
-    files = {}
-    for rel in store.upload_dir(out_dir, prefix):     # conditional writes: never over another run's keys
-        files[rel[len(prefix) + 1:]] = sha256_file(out_dir / rel[len(prefix) + 1:])
+    files: dict[str, str] = {}
+    store.upload_dir(out_dir, prefix, digests=files)  # conditional writes: never over another run's keys
+    files = dict(sorted(files.items()))
     record_timing("upload", label, t1, time.time())
     log.info("%s: %d files stored under %s", label, len(files), store.url(prefix))
     return StageOutput(label, key, run, str(out_dir), prefix, files, result, round(t1 - t0, 3))
@@ -92,10 +97,16 @@ def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
     """One Prefect task per stage (the task name is the stage name); task runs are named by their label."""
     @task(name=name, task_run_name="{label}", cache_policy=CONTENT_KEY, persist_result=True, retries=retries,
           retry_delay_seconds=delay, retry_condition_fn=retry_if)
-    def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any]) -> StageOutput:
-        return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"))
+    def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
+              isolated: bool = False) -> StageOutput:
+        return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"),
+                           isolated=isolated)
     return stage
 
+
+# the stages that import torch or great-expectations run in a process of their own (forked from the warm server,
+# fanout.warm_start), so the flow's process stays light and starts fast; the train matrix has its own processes
+ISOLATED_STAGES = ("validate", "infer", "audit", "pseudo")
 
 # a data error is not transient: validate never retries; training retries once (it resumes from its checkpoint),
 # unless it ran out of memory (the same batch would again)
@@ -168,8 +179,10 @@ class StageRun:
 class StageRunner:
     """Runs the stages of one flow run through their content-keyed tasks and keeps the table for the summary."""
 
-    def __init__(self, keys: StageKeys, store: ArtifactStore, run: str, run_dir: Path, prefix: str):
+    def __init__(self, keys: StageKeys, store: ArtifactStore, run: str, run_dir: Path, prefix: str,
+                 isolate: bool = False):
         self.keys, self.store, self.run, self.run_dir, self.prefix = keys, store, run, Path(run_dir), prefix
+        self.isolate = isolate          # ISOLATED_STAGES in warm processes (fanout.warm_start)
         self.storage = result_storage(store.cfg)
         self.table: list[StageRun] = []
         self.outputs: dict[str, StageOutput] = {}
@@ -183,7 +196,7 @@ class StageRunner:
         task runner other than the flow's (the train matrix on a Ray cluster)."""
         t = STAGE_TASKS[stage].with_options(result_storage=self.storage, refresh_cache=refresh or None)
         args = {"label": label, "key": key, "run": self.run, "out_dir": self.run_dir / rel,
-                "prefix": f"{self.prefix}/{rel}", "call": call}
+                "prefix": f"{self.prefix}/{rel}", "call": call, "isolated": self.isolate and stage in ISOLATED_STAGES}
         return runner.submit(t, parameters=args) if runner is not None else t.submit(**args)
 
     def finish(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], future,

@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from prefect import flow, get_run_logger
@@ -16,23 +17,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-import pipelines.ablation
-import pipelines.audit
-import pipelines.fetch
-import pipelines.infer
-import pipelines.pseudo
 import pipelines.split
-import pipelines.validate
-from flows import runners, tasks
+from flows import runners, tasks, warm
 from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, publish_run_links, rename_flow_run
-from pipelines.common import TIMING_ENV, record_timing, write_json
+from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
 from pipelines.contentkey import StageKeys
-from pipelines.validate import ValidateResult
 from segpipe.config import load_all
 from segpipe.eda import embed_images
 from segpipe.profiles import apply_profile
 from segpipe.storage import ArtifactStore, S3Config
+
+if TYPE_CHECKING:
+    from pipelines.validate import ValidateResult
 
 
 def run_id() -> str:
@@ -61,6 +58,8 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     params_file = str(with_profile(Path(params_file), profile, run_dir))
     p = load_all(Path(params_file))
     p["fanout"] = runners.with_overrides(p["fanout"], fanout)
+    if p["fanout"].warm_start:
+        warm.warm_up()          # torch, great-expectations: imported in the warm server while the flow starts
     store = ArtifactStore(S3Config.from_env())
     store.check()                                  # bad credentials fail here, before any work
     if submit:                                     # and a missing or refused leaderboard key
@@ -68,16 +67,17 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[TIMING_ENV] = str((run_dir / "timings.jsonl").resolve())   # stage work intervals (the benchmark)
 
-    version = tasks.fetch(p["data"])
+    version = tasks.fetch(p["data"], push=False)
+    pushed = tasks.dvc_push.submit()            # the DVC remote, completed while the stages run
     keys = StageKeys(params_file)
     rename_flow_run(version, keys.params_hash())
     log.info("run %s on data version %s, params %s; artifacts under %s", rid, version, keys.params_hash(), prefix)
-    stages = StageRunner(keys, store, rid, run_dir, prefix)
+    stages = StageRunner(keys, store, rid, run_dir, prefix, isolate=p["fanout"].warm_start)
 
     # a DataValidationError fails the flow here: validate never retries, nothing below it runs
     kv = stages.key("validate", [version])
     validated = stages("validate", "validate", kv, "validate",
-                       partial(pipelines.validate.run, p["data"], p["validate"], run_dir / "validate"))
+                       partial(stage_call, "pipelines.validate:run", p["data"], p["validate"], run_dir / "validate"))
     publish_validate(validated, stages.urls("validate", "eda/"))
     ks = stages.key("split", [kv])
     stages("split", "split", ks, "split", partial(pipelines.split.run, p["split"], run_dir / "validate",
@@ -94,7 +94,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     for r in range(1, p["pseudo"].rounds + 1):
         kp = stages.key("pseudo", [kv, ki], {"round": r})
         stages("pseudo", f"pseudo-r{r}", kp, f"pseudo/r{r}",
-               partial(pipelines.pseudo.run, p["data"], p["pseudo"], run_dir / "validate",
+               partial(stage_call, "pipelines.pseudo:run", p["data"], p["pseudo"], run_dir / "validate",
                        run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
         # the previous round's audit decides which training images this round drops or relabels
         retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
@@ -117,6 +117,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
                "artifacts": prefix}
     if submit:
         summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
+    summary["dvc_pushed"] = pushed.result()
     summary["stages"] = stages.summary_rows()
     summary["reused"] = sum(r["cached"] for r in summary["stages"])
     write_json(run_dir / "summary.json", summary)
@@ -136,12 +137,12 @@ def infer_round(stages: StageRunner, p: dict, run_dir: Path, round_: int, upstre
     out = run_dir / "infer" / f"r{round_}"
     key = stages.key("infer", upstream, {"round": round_})
     result = stages("infer", f"infer-r{round_}", key, f"infer/r{round_}",
-                    partial(pipelines.infer.run, p["data"], p["infer"], run_dir / "validate",
+                    partial(stage_call, "pipelines.infer:run", p["data"], p["infer"], run_dir / "validate",
                             tasks.members_dir(run_dir, round_), out, round_))
     publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
     ka = stages.key("audit", [upstream[0], key], {"round": round_})
     audit = stages("audit", f"audit-r{round_}", ka, f"audit/r{round_}",
-                   partial(pipelines.audit.run, p["data"], p["audit"], run_dir / "validate", out,
+                   partial(stage_call, "pipelines.audit:run", p["data"], p["audit"], run_dir / "validate", out,
                            run_dir / "audit" / f"r{round_}"))
     create_markdown_artifact(embed_images((audit.out_dir / "report.md").read_text(), audit.out_dir),
                              key=f"label-noise-audit-r{round_}",

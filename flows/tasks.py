@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 import pipelines.ablation
 import pipelines.fetch
 import pipelines.submit
-from flows import runners
-from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
+from flows import runners, warm
+from pipelines.common import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
 from segpipe.storage import ArtifactStore, S3Config
 
@@ -23,6 +23,7 @@ LEASE_DIR = Path(".segpipe/leases")
 # I/O tasks retry. The stages themselves run as content-keyed tasks (flows.caching.STAGE_TASKS), which say which
 # retry (validate never: a data error is not transient)
 fetch = task(pipelines.fetch.run, name="fetch", retries=2, retry_delay_seconds=[5, 30])
+dvc_push = task(pipelines.fetch.push_data, name="dvc-push", retries=1, retry_delay_seconds=10)
 
 
 def leaderboard_key(block: str = "leaderboard-key", env: str = "SEGPIPE_LEADERBOARD_KEY") -> str | None:
@@ -103,6 +104,18 @@ def retry_unless_oom(task, task_run, state) -> bool:
     return True
 
 
+def run_member(module: str, args: list[str], env: dict[str, str], on_line, warm_start: bool) -> int:
+    """`python -m module args` in its own process: forked from the warm server (torch already imported) or a
+    fresh interpreter (fanout.warm_start false). Returns its exit code."""
+    if warm_start:
+        return warm.run_module(module, args, env, on_line)
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        on_line(line)
+    return proc.wait()
+
+
 @task(name="train", task_run_name=_train_run_name, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_oom)
 def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams,
@@ -110,29 +123,30 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
     """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint."""
     log = get_run_logger()
     out_root = members_dir(run_dir, round_)
-    cmd = [sys.executable, "-m", f"pipelines.{stage}", "--params", params_file, "--model", model, "--seed", str(seed),
-           "--fold", str(fold), "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"),
-           "--out-root", str(out_root)]
+    module = f"pipelines.{stage}"
+    args = ["--params", params_file, "--model", model, "--seed", str(seed), "--fold", str(fold),
+            "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"), "--out-root", str(out_root)]
     if round_:
-        # the previous round's label-noise audit says which training images to drop or relabel (audit.action)
-        cmd += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"), "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
+        # the previous round's audit says which training images to drop or relabel (audit.action)
+        args += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"), "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
     with runners.device_lease(fanout, LEASE_DIR) as held:    # a file lease here, or what Ray reserved
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)
         tail: deque[str] = deque(maxlen=30)
-        # every epoch's checkpoint is mirrored to S3: a task whose machine is lost resumes on another one
-        # and a member already trained on the same data, params and code is fetched, not trained again
-        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints", RESULT_ENV: "results"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:               # the stage's own log lines, streamed into the Prefect run log
+
+        def on_line(line: str) -> None:         # the stage's own log lines, streamed into the Prefect run log
             line = line.rstrip()
             if line:
                 tail.append(line)
                 log.info(line)
-        if proc.wait() != 0:
+
+        # every epoch's checkpoint is mirrored to S3: a task whose machine is lost resumes on another one
+        # and a member already trained on the same data, params and code is fetched, not trained again
+        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints", RESULT_ENV: "results"}
+        code = run_member(module, args, env, on_line, fanout.warm_start)
+        if code != 0:
             if any("TrainingOOM" in line for line in tail):
                 raise MemberOutOfMemory(f"{stage} {model}-s{seed}-f{fold} ran out of memory (not retried):\n"
                                         + "\n".join(tail))
-            raise RuntimeError(f"{stage} {model}-s{seed}-f{fold} exited with {proc.returncode}:\n" + "\n".join(tail))
+            raise RuntimeError(f"{stage} {model}-s{seed}-f{fold} exited with {code}:\n" + "\n".join(tail))
     return out_root / f"{model}-s{seed}-f{fold}"

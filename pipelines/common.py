@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -14,6 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from segpipe.config import DEFAULT_PARAMS
+
+
+# where a member mirrors its checkpoints and stores its finished result in S3 (pipelines.train reads them; the
+# flow sets them): here, so the flow names them without importing torch
+CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
+RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -73,6 +80,21 @@ def record_timing(kind: str, label: str, start: float, end: float) -> None:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def stage_call(target: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the stage function `module:function`, importing its module here: the flow names its stages this way,
+    so its own process never imports torch or great-expectations (they run in the stage's process)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def timed_call(label: str, fn, *args: Any) -> Any:
+    """fn(*args), its interval recorded as `label`'s own work (the overhead benchmark)."""
+    t0 = time.time()
+    out = fn(*args)
+    record_timing("work", label, t0, time.time())
+    return out
 
 
 def run_main(fn, *args, **kwargs) -> None:

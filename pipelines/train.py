@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from pipelines.common import parser, run_main, write_json
+from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
@@ -27,10 +27,8 @@ from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifact
 
 log = logging.getLogger("pipelines.train")
 
-# set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3 store
-CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
-# set (e.g. to `results`) by the flow's train task: finished members are stored under a content key and reused
-RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
+# CHECKPOINT_ENV set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3
+# store; RESULT_ENV (e.g. `results`): finished members are stored under a content key and reused
 # the code that decides trained weights: part of the content key, so a code change retrains
 CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
               "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")

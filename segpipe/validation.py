@@ -43,6 +43,9 @@ class DataValidationError(DataError):
         self.problems = problems
         self.gx = gx or {}
 
+    def __reduce__(self):       # pickled whole (a stage in its own process raises it in the flow's)
+        return type(self), (str(self), self.problems, self.gx)
+
     @property
     def codes(self) -> set[str]:
         return {p.code for p in self.problems}

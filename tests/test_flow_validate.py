@@ -66,8 +66,9 @@ def test_data_error_fails_validate_once_and_nothing_downstream_runs(prefect_serv
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     # validate ran exactly once (a retry would show run_count 2); no upload, split or train task was created
-    assert {r.name.rsplit("-", 1)[0]: (r.state_type.value, r.run_count) for r in runs} == {
-        "fetch": ("COMPLETED", 1), "validate": ("FAILED", 1)}
+    # (the DVC push runs beside the stages from the start, whatever they do)
+    assert {r.name.rsplit("-", 1)[0]: (r.state_type.value, r.run_count) for r in runs
+            if not r.name.startswith("dvc-push")} == {"fetch": ("COMPLETED", 1), "validate": ("FAILED", 1)}
     assert not (project / "runs" / "bad-data" / "validate").exists()
     assert ArtifactStore(s3_env).list("runs/bad-data/") == []
 

@@ -1,0 +1,279 @@
+"""Warm stage processes: the stages with heavy imports run in processes of their own, forked from a server that has
+already imported great-expectations, torch, segmentation-models-pytorch, albumentations and the library, instead
+of a fresh interpreter (or the flow's own process) spending ~8 s importing them, per member and per wave, on the
+critical path.
+
+The flow starts the server (`warm_up`) before its first stage; it imports in its own process while the flow
+fetches the data, serving any request that comes early with what it has imported so far.
+
+- `run_module`: a training member, as `python -m pipelines.train <args>` would run it: its own environment (the
+  device lease's CUDA_VISIBLE_DEVICES), working directory, argv and exit code (negative: killed by that signal),
+  its stdout and stderr lines handed to the caller as they come, and an interpreter's end (threads joined, atexit
+  handlers run; the module teardown, ~2 s of freeing what the kernel frees anyway, is skipped).
+- `call`: a pickled function (validate, infer, the audit, pseudo-labels); its result or exception comes back. The
+  flow's process never imports torch, and a stage's memory (its CUDA context too) goes when it ends.
+
+Nothing calls CUDA before the fork (the imports make no CUDA call; PYTORCH_NVML_BASED_CUDA_CHECK keeps an
+availability check off the driver), so each process initialises CUDA itself, on the devices it was given.
+
+Protocol: the caller connects to the server's Unix socket (in a 0700 temporary folder) and passes the write end of
+a pipe (SCM_RIGHTS) and the request (JSON). The server forks a watcher, which forks the member, waits for it and
+answers its exit code. The server ends when the process that started it ends (EOF on its stdin).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import importlib
+import json
+import os
+import pickle
+import runpy
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+# in the order the flow needs them: validate (great-expectations, pandas, cv2), then the train members (torch, smp,
+# timm, albumentations), then inference, the audit and pseudo-labels
+PRELOAD = ("great_expectations", "pipelines.validate", "pipelines.train", "pipelines.infer", "pipelines.audit",
+           "pipelines.pseudo")
+_LEN = struct.Struct("!Q")
+_CODE = struct.Struct("!i")
+
+
+class WarmServerError(RuntimeError):
+    """The warm server went away before the member's exit code came back."""
+
+
+class WarmCallError(RuntimeError):
+    """A warm call's result or exception could not be pickled back; the message and traceback say which."""
+
+
+class _Server:
+    """The server this process started: its process and socket address."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def ensure(self) -> str:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            return self.address
+
+    def _start(self) -> None:
+        # bound and listening before the server exists: callers queue on the socket while it imports
+        address = str(Path(tempfile.mkdtemp(prefix="segpipe-warm-")) / "socket")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(64)
+        env = {**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        boot = (f"import sys; sys.path[:0] = {json.dumps(sys.path)}; from flows.warm import serve; "
+                f"serve({listener.fileno()}, {list(PRELOAD)!r})")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, env=env,
+                                         pass_fds=[listener.fileno()])
+        finally:
+            listener.close()
+        self.address = address
+
+
+_SERVER = _Server()
+
+
+def warm_up() -> None:
+    """Start the server (if this process has none running); it imports in the background. Returns at once."""
+    _SERVER.ensure()
+
+
+def run_module(module: str, argv: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> int:
+    """`python -m <module> <argv>` with exactly `env`, in a process forked from the warm server (started here if
+    need be); every line it prints goes to `on_line` as it comes. Returns its exit code, like subprocess."""
+    return _request({"module": module, "argv": list(argv), "env": dict(env), "cwd": os.getcwd()}, on_line,
+                    f"`{module} {' '.join(argv[:6])}`")
+
+
+def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, str] | None = None) -> Any:
+    """fn() in a process forked from the warm server (a stage with heavy imports: they are already made, and its
+    memory, CUDA context included, goes when it ends); its printed and logged lines go to `on_line`. Returns
+    what fn returned, or raises what it raised. `fn` and its result are pickled (a functools.partial of a
+    module-level function is)."""
+    with tempfile.TemporaryDirectory(prefix="segpipe-warm-call-") as tmp:
+        result = Path(tmp) / "result.pickle"
+        request = {"call": base64.b64encode(pickle.dumps(fn)).decode(), "result": str(result),
+                   "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        code = _request(request, on_line, name)
+        if not result.is_file():
+            raise WarmServerError(f"{name} ended (exit code {code}) before returning a result")
+        outcome = pickle.loads(result.read_bytes())
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, exc, tb = outcome
+    exc.add_note(f"raised in its warm process:\n{tb}")
+    raise exc
+
+
+def _request(request: dict, on_line: Callable[[str], None], what: str) -> int:
+    payload = json.dumps(request).encode()
+    out_r, out_w = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        try:
+            conn.connect(_SERVER.ensure())
+            socket.send_fds(conn, [_LEN.pack(len(payload))], [out_w])
+            conn.sendall(payload)
+        finally:
+            os.close(out_w)             # the member holds the only write end: EOF when it (and its children) end
+        with open(out_r, "r", errors="replace") as lines:
+            for line in lines:
+                on_line(line.rstrip("\n"))
+        answer = _recv_exactly(conn, _CODE.size)
+    if len(answer) < _CODE.size:
+        raise WarmServerError(f"the warm server ended before {what} reported its exit code")
+    return _CODE.unpack(answer)[0]
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def serve(listener_fd: int, preload: list[str]) -> None:
+    """The server: fork a watcher per connection until the starting process ends, importing `preload` one module
+    at a time in between (a request that comes early is served with what is imported by then)."""
+    listener = socket.socket(fileno=listener_fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)       # watchers are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # ^C in the flow's terminal: the flow decides
+    pending = list(preload)
+    while True:
+        ready, _, _ = select.select([listener, sys.stdin], [], [], 0 if pending else None)
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+            return                                      # the starting process is gone
+        if listener in ready:
+            conn, _ = listener.accept()
+            if os.fork() == 0:
+                listener.close()
+                _watch(conn)                            # never returns
+            conn.close()
+        elif pending:
+            name = pending.pop(0)
+            try:
+                importlib.import_module(name)
+            except Exception:           # noqa: BLE001 - the member imports it again and fails with the cause
+                traceback.print_exc()
+
+
+def _watch(conn: socket.socket) -> None:
+    """The watcher: read the request, fork the member, answer its exit code."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)       # the member's own subprocesses must be waitable
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    head, fds, _, _ = socket.recv_fds(conn, _LEN.size, 1)
+    request = json.loads(_recv_exactly(conn, _LEN.unpack(head)[0]))
+    (out,) = fds
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _become_member(out, request)                    # exits the process
+    os.close(out)
+    _, status = os.waitpid(pid, 0)
+    try:
+        conn.sendall(_CODE.pack(os.waitstatus_to_exitcode(status)))
+    finally:
+        os._exit(0)
+
+
+def _become_member(out: int, request: dict) -> None:
+    """In the member: `python -m module argv`, or a pickled call, with the request's env and cwd, its output
+    into the caller's pipe."""
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    if "call" in request:
+        _finish(_run_call(request))
+    sys.argv = [request["module"], *request["argv"]]
+    sys.modules.pop(request["module"], None)   # preloaded: run its body afresh as __main__, as `python -m` does
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except BaseException:               # noqa: BLE001 - what the interpreter would print, then exit 1
+        traceback.print_exc()
+        code = 1
+    _finish(code)
+
+
+def _run_call(request: dict) -> int:
+    """Unpickle the function, call it, pickle what it returned or raised into the result file."""
+    import logging
+    if not logging.getLogger().handlers:          # the library's log lines, as a stage's own process prints them
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        fn = pickle.loads(base64.b64decode(request["call"]))
+        outcome = ("ok", fn())
+    except BaseException as e:          # noqa: BLE001 - raised again in the caller, with this traceback
+        outcome = ("error", e, traceback.format_exc())
+    try:
+        blob = pickle.dumps(outcome)
+        pickle.loads(blob)              # an exception whose __init__ takes other arguments pickles, then fails here
+    except Exception as e:              # noqa: BLE001 - an unpicklable result or exception
+        if outcome[0] == "error":       # the exception as text, with its traceback
+            error = WarmCallError(f"{type(outcome[1]).__name__}: {outcome[1]}")
+            blob = pickle.dumps(("error", error, outcome[2]))
+        else:
+            error = WarmCallError(f"the result could not be pickled back: {type(e).__name__}: {e}")
+            blob = pickle.dumps(("error", error, traceback.format_exc()))
+    tmp = request["result"] + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, request["result"])
+    return 0
+
+
+def _exit_code(value) -> int:
+    """SystemExit's argument as the interpreter turns it into an exit status."""
+    if value is None or isinstance(value, int):
+        return value or 0
+    print(value, file=sys.stderr)
+    return 1
+
+
+def _finish(code: int) -> None:
+    """End the member as an interpreter ends, less the module teardown (~2 s of freeing what the kernel frees
+    anyway): wait for its threads, run its atexit handlers, flush, exit."""
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
