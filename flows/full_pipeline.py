@@ -24,7 +24,7 @@ from flows.monitoring import flow_run_name, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
 from pipelines.contentkey import StageKeys
 from segpipe.config import load_all
-from segpipe.eda import embed_images
+from segpipe.inline import embed_images
 from segpipe.profiles import apply_profile
 from segpipe.storage import ArtifactStore, S3Config
 

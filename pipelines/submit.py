@@ -15,15 +15,17 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from pipelines.common import write_json
-from segpipe.compare import CvLb, cv_lb_markdown, cv_lb_plot, cv_vs_lb
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
 from segpipe.leaderboard import LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Submission
 from segpipe.submission import lint_submission, write_submission
+
+if TYPE_CHECKING:
+    from segpipe.compare import CvLb
 
 log = logging.getLogger("pipelines.submit")
 
@@ -257,6 +259,8 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
 def write_cv_lb(history: list[dict], margin: float, out_dir: Path) -> CvLb:
     """Every scored submission's OOF beside its public mIoU, oldest first: cv_lb.csv (`dvc plots`), cv_lb.png,
     cv_lb.md; a warning in the log (and the .md) for each pair further apart than the margin."""
+    # matplotlib and pandas: imported here, not at the flow's start (the flow process imports this module)
+    from segpipe.compare import cv_lb_markdown, cv_lb_plot, cv_vs_lb
     cv = cv_vs_lb(history, margin)
     columns = ("n", "time", "run", "submission_id", "oof_miou", "public_miou", "gap", "diverged")
     (out_dir / "cv_lb.csv").write_text(",".join(columns) + "\n" + "".join(
