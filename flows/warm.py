@@ -126,22 +126,59 @@ def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, s
 
 
 def _request(request: dict, on_line: Callable[[str], None], what: str) -> int:
+    """Send the request with the pipe's write end; hand on the member's lines until the watcher answers its exit
+    code, then what is left in the pipe. Not until the pipe's EOF: a process the member left behind (a data
+    loader's worker checks for its parent every 5 s) may hold it open after the member is gone."""
     payload = json.dumps(request).encode()
     out_r, out_w = os.pipe()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        try:
-            conn.connect(_SERVER.ensure())
-            socket.send_fds(conn, [_LEN.pack(len(payload))], [out_w])
-            conn.sendall(payload)
-        finally:
-            os.close(out_w)             # the member holds the only write end: EOF when it (and its children) end
-        with open(out_r, "r", errors="replace") as lines:
-            for line in lines:
-                on_line(line.rstrip("\n"))
-        answer = _recv_exactly(conn, _CODE.size)
+    lines = _Lines(on_line)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            try:
+                conn.connect(_SERVER.ensure())
+                socket.send_fds(conn, [_LEN.pack(len(payload))], [out_w])
+                conn.sendall(payload)
+            finally:
+                os.close(out_w)         # the member holds the only write end now
+            pipe_open = True
+            while True:
+                ready, _, _ = select.select([out_r, conn] if pipe_open else [conn], [], [])
+                if out_r in ready:
+                    chunk = os.read(out_r, 1 << 16)
+                    pipe_open = bool(chunk)
+                    lines.feed(chunk)
+                if conn in ready:
+                    answer = _recv_exactly(conn, _CODE.size)
+                    break
+        os.set_blocking(out_r, False)
+        while pipe_open:                # the member has ended: what it wrote last is in the pipe already
+            try:
+                chunk = os.read(out_r, 1 << 16)
+            except BlockingIOError:
+                break
+            pipe_open = bool(chunk)
+            lines.feed(chunk)
+        lines.feed(b"", final=True)
+    finally:
+        os.close(out_r)
     if len(answer) < _CODE.size:
         raise WarmServerError(f"the warm server ended before {what} reported its exit code")
     return _CODE.unpack(answer)[0]
+
+
+class _Lines:
+    """Bytes from the pipe to whole lines for on_line (undecodable bytes replaced)."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line, self.buf = on_line, b""
+
+    def feed(self, chunk: bytes, final: bool = False) -> None:
+        self.buf += chunk
+        *done, self.buf = self.buf.split(b"\n")
+        if final and self.buf:
+            done, self.buf = [*done, self.buf], b""
+        for line in done:
+            self.on_line(line.decode(errors="replace"))
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes:

@@ -66,6 +66,13 @@ def test_member_ends_like_an_interpreter():
     assert lines == ["thread done", "atexit ran"]
 
 
+def test_a_process_left_behind_does_not_hold_the_caller():
+    t0 = time.monotonic()
+    code, lines = member("orphan")
+    assert code == 0 and lines == ["member done"]
+    assert time.monotonic() - t0 < 10, "the caller waited for the left-behind process's end of the pipe"
+
+
 def test_concurrent_members_keep_their_own_output():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda tag: member("tag", tag), ["a", "b", "c", "d"]))

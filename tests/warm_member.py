@@ -26,6 +26,10 @@ def main(what: str, *rest: str) -> None:
     elif what == "finish":      # a normal interpreter end: threads joined, then atexit handlers
         atexit.register(lambda: print("atexit ran", flush=True))
         threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+    elif what == "orphan":      # leaves a process holding its stdout, as a data loader's worker may
+        import subprocess
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+        print("member done")
     elif what == "tag":         # many lines, to check concurrent members keep theirs apart
         for i in range(200):
             print(f"{rest[0]} {i}")
