@@ -48,6 +48,7 @@ PRELOAD = ("great_expectations", "pipelines.validate", "pipelines.train", "pipel
            "pipelines.pseudo")
 _LEN = struct.Struct("!Q")
 _CODE = struct.Struct("!i")
+_EARLY_ANSWER: socket.socket | None = None     # in a call's process: where it answers its own exit code
 
 
 class WarmServerError(RuntimeError):
@@ -225,12 +226,21 @@ def _watch(conn: socket.socket) -> None:
     (out,) = fds
     pid = os.fork()
     if pid == 0:
-        conn.close()
+        # a call answers its exit code itself once its result is written: the caller goes on while the kernel
+        # tears the process down (seconds, after inference); a training member's answer waits for its end, so
+        # its device lease outlives its CUDA context
+        global _EARLY_ANSWER
+        if "call" in request:
+            _EARLY_ANSWER = conn
+        else:
+            conn.close()
         _become_member(out, request)                    # exits the process
     os.close(out)
     _, status = os.waitpid(pid, 0)
     try:
         conn.sendall(_CODE.pack(os.waitstatus_to_exitcode(status)))
+    except OSError:
+        pass                                            # the caller had its answer from the call and is gone
     finally:
         os._exit(0)
 
@@ -250,6 +260,12 @@ def _become_member(out: int, request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
+        print("CUDA was initialised in the warm server before this fork, so this process cannot use it: an import "
+              "made a CUDA call. Set fanout.warm_start: false in params.yaml (fresh processes) and report it",
+              file=sys.stderr)
+        _finish(1)
     if "call" in request:
         _finish(_run_call(request))
     sys.argv = [request["module"], *request["argv"]]
@@ -312,5 +328,10 @@ def _finish(code: int) -> None:
         try:
             stream.flush()
         except (OSError, ValueError):
+            pass
+    if _EARLY_ANSWER is not None:
+        try:
+            _EARLY_ANSWER.sendall(_CODE.pack(code))
+        except OSError:
             pass
     os._exit(code)
