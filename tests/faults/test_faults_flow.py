@@ -200,8 +200,8 @@ def test_10_bad_inputs_reach_no_stage_past_validation(prefect_server, project, w
         with pytest.raises(DataValidationError) as e:
             state.result()
         runs = _task_runs(state)
-        assert {n.rsplit("-", 1)[0]: v for n, v in runs.items()} == {
-            "fetch": ("COMPLETED", 1), "validate": ("FAILED", 1)}, (kind, runs)
+        assert {n.rsplit("-", 1)[0]: v for n, v in runs.items() if not n.startswith("dvc-push")} == {
+            "fetch": ("COMPLETED", 1), "validate": ("FAILED", 1)}, (kind, runs)     # (the DVC push runs beside)
         assert not (project / "runs" / rid / "validate").exists()
         assert not [p for p in (project / "runs" / rid).rglob("*") if p.is_file()]   # nothing past validate
         assert store.list(f"runs/{rid}/") == []
