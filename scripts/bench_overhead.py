@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="demo")
     p.add_argument("--out", type=Path, default=Path("/tmp/segpipe-bench-overhead"))
     a = p.parse_args()
+    # a `kill` (SIGTERM) must take the benchmark's stack down too, as ^C does: the next run reuses the folder
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = a.out / a.size
     shutil.rmtree(root, ignore_errors=True)
     project = copy_project(root / "project")
