@@ -59,10 +59,21 @@ class WarmCallError(RuntimeError):
     """A warm call's result or exception could not be pickled back; the message and traceback say which."""
 
 
-class _Server:
-    """The server this process started: its process and socket address."""
+# environment variables read when an interpreter or a native library starts (PYTHONPATH and its sitecustomize,
+# OpenMP and MKL thread settings), not later: a member whose env differs in any of them gets a server started with
+# that env, so it runs as `python -m` would with it
+STARTUP_ENV = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "OPENBLAS_")
 
-    def __init__(self) -> None:
+
+def startup_env(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_ENV)))
+
+
+class _Server:
+    """A server this process started, for one start-up environment: its process and socket address."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = dict(env)
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.address = ""
@@ -79,7 +90,7 @@ class _Server:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
         listener.listen(64)
-        env = {**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        env = {**self.env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
         boot = (f"import sys; sys.path[:0] = {json.dumps(sys.path)}; from flows.warm import serve; "
                 f"serve({listener.fileno()}, {list(PRELOAD)!r})")
         try:
@@ -90,12 +101,23 @@ class _Server:
         self.address = address
 
 
-_SERVER = _Server()
+_SERVERS: dict[tuple[tuple[str, str], ...], _Server] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def _server(env: dict[str, str]) -> _Server:
+    """The server for env's start-up variables (started on first use)."""
+    key = startup_env(env)
+    with _SERVERS_LOCK:
+        if key not in _SERVERS:
+            _SERVERS[key] = _Server(env)
+        return _SERVERS[key]
 
 
 def warm_up() -> None:
-    """Start the server (if this process has none running); it imports in the background. Returns at once."""
-    _SERVER.ensure()
+    """Start the server for this process's environment (if none runs); it imports in the background. Returns at
+    once."""
+    _server(dict(os.environ)).ensure()
 
 
 def run_module(module: str, argv: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> int:
@@ -136,7 +158,7 @@ def _request(request: dict, on_line: Callable[[str], None], what: str) -> int:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             try:
-                conn.connect(_SERVER.ensure())
+                conn.connect(_server(request["env"]).ensure())
                 socket.send_fds(conn, [_LEN.pack(len(payload))], [out_w])
                 conn.sendall(payload)
             finally:

@@ -90,7 +90,7 @@ def test_a_member_starts_in_well_under_a_second_once_warm():
 
 def test_server_ends_with_the_process_that_started_it():
     starter = ("import os, sys; sys.path.insert(0, %r); from flows import warm; warm.warm_up(); "
-               "print(warm._SERVER.proc.pid, flush=True)" % str(REPO))
+               "print(warm._server(dict(os.environ)).proc.pid, flush=True)" % str(REPO))
     out = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, check=True, timeout=60)
     pid = int(out.stdout.split()[0])
     deadline = time.monotonic() + 30
@@ -123,3 +123,14 @@ def test_call_raises_what_the_function_raised():
         warm.call(partial(answer, 3, fail="odd"), lambda line: None)
     with pytest.raises(warm.WarmServerError, match="exit code -9"):    # killed: no result, said so
         warm.call(partial(answer, 3, fail="kill"), lambda line: None)
+
+
+def test_a_member_with_another_pythonpath_gets_a_server_started_with_it(tmp_path):
+    """PYTHONPATH (and its sitecustomize) acts when an interpreter starts: a member whose PYTHONPATH differs from
+    the server's must see it, as `python -m` would."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.warm_site = 'ran'\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    code, lines = member("report", env=env)
+    assert code == 0 and "site=ran" in lines, lines
+    code, lines = member("report")                                   # the caller's own env: its own server
+    assert code == 0 and "site=None" in lines, lines

@@ -16,6 +16,7 @@ def main(what: str, *rest: str) -> None:
         print(f"cwd={os.getcwd()}")
         print(f"env={sorted(k for k in os.environ if k.startswith('WARM_'))}")
         print(f"preloaded={PRELOADED} name={__name__}")
+        print(f"site={getattr(sys, 'warm_site', None)}")       # set by a test's sitecustomize at start-up
         print("to stderr", file=sys.stderr)
     elif what == "exit":
         sys.exit(int(rest[0]))
