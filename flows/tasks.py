@@ -128,7 +128,8 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
             "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"), "--out-root", str(out_root)]
     if round_:
         # the previous round's audit says which training images to drop or relabel (audit.action)
-        args += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"), "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
+        args += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"),
+                 "--audit", str(run_dir / "audit" / f"r{round_ - 1}")]
     with runners.device_lease(fanout, LEASE_DIR) as held:    # a file lease here, or what Ray reserved
         log.info("%s %s-s%d-f%d on %s (slot %d)", stage, model, seed, fold,
                  "cpu" if held.gpu is None else f"cuda:{held.gpu}", held.slot)

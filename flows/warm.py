@@ -305,10 +305,8 @@ def _become_member(out: int, request: dict) -> None:
 
 def _run_call(request: dict) -> int:
     """Unpickle the function, call it, pickle what it returned or raised into the result file."""
-    import logging
-    if not logging.getLogger().handlers:          # the library's log lines, as a stage's own process prints them
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.common import setup_logging
+    setup_logging()                     # the library's log lines, as a stage's own process prints them
     try:
         fn = pickle.loads(base64.b64decode(request["call"]))
         outcome = ("ok", fn())

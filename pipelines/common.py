@@ -89,10 +89,10 @@ def stage_call(target: str, *args: Any, **kwargs: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
-def timed_call(label: str, fn, *args: Any) -> Any:
-    """fn(*args), its interval recorded as `label`'s own work (the overhead benchmark)."""
+def timed_call(label: str, fn, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), its interval recorded as `label`'s own work (the overhead benchmark)."""
     t0 = time.time()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     record_timing("work", label, t0, time.time())
     return out
 
@@ -100,10 +100,8 @@ def timed_call(label: str, fn, *args: Any) -> Any:
 def run_main(fn, *args, **kwargs) -> None:
     """Call a stage; a known error exits non-zero with its message instead of a traceback wall."""
     setup_logging()
-    t0 = time.time()          # after the imports: interpreter and library start-up are not the stage's work
-    try:
-        fn(*args, **kwargs)
-        record_timing("work", Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:7]), t0, time.time())
+    try:                      # timed after the imports: interpreter and library start-up are not the stage's work
+        timed_call(Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:7]), fn, *args, **kwargs)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         logging.getLogger("segpipe").error("%s: %s", type(e).__name__, e)
         sys.exit(1)

@@ -1,6 +1,7 @@
 """Fault injection for scenario 9, on PYTHONPATH only in that test: a training process (`pipelines.train`, or the
-warm server that forks the members) gets an address-space limit of $SEGPIPE_FAULT_MEMCAP_GIB, so a member whose training step needs more really runs
-out of memory (the allocator fails, as on a full host), while a smaller member under the same cap finishes."""
+warm server that forks the members) gets an address-space limit of $SEGPIPE_FAULT_MEMCAP_GIB, so a member whose
+training step needs more really runs out of memory (the allocator fails, as on a full host), while a smaller
+member under the same cap finishes."""
 
 import os
 import resource
