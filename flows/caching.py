@@ -3,10 +3,14 @@
 The key (pipelines.contentkey) hashes the stage's code, its params section and its upstream stages' keys, the
 same things `dvc repro` compares. The Prefect task's cache key *is* that key (never a hash of pickled inputs),
 and its result is persisted in the S3 store (`s3://<bucket>/prefect-results/<key>`), so any later run, on any
-worker, finds it. The result is a manifest: the S3 prefix the stage's files were uploaded to, each file's
-sha256, and the stage function's own return value. A hit materialises those files into this run's folder
-(verified against the manifest; hard-linked from the producing run's folder when it is still on this disk,
-else downloaded), so the downstream stages read them exactly as if the stage had just run.
+worker, finds it. The result is a manifest: the S3 prefix the stage's files go to, each file's sha256, and the
+stage function's own return value. A hit materialises those files into this run's folder (verified against the
+manifest; hard-linked from the producing run's folder when it is still on this disk, else downloaded), so the
+downstream stages read them exactly as if the stage had just run.
+
+The files are uploaded by a `store` task of their own, beside the stages that follow; the flow run ends only once
+all are stored. A reused result whose files did not all reach S3 (its run ended while storing them) has the
+missing ones stored again from this run's verified copy.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner
 
@@ -30,7 +34,7 @@ from flows import warm
 from flows.tasks import retry_unless_oom
 from pipelines.common import record_timing, timed_call
 from pipelines.contentkey import StageKeys
-from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, sha256_file
+from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, digest_dir, sha256_file
 
 RESULTS_PREFIX = "prefect-results"
 
@@ -72,7 +76,7 @@ CONTENT_KEY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters)
 
 
 def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
-                own_process: bool = False, isolated: bool = False) -> StageOutput:
+                own_process: bool = False, isolated: bool = False, defer_store: bool = False) -> StageOutput:
     log = get_run_logger()
     log.info("%s: key %s not in the store; running it", label, key)
     t0 = time.time()
@@ -83,14 +87,37 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
     t1 = time.time()
     # a stage in its own process records its work there (pipelines.common): here it is start-up + work
     record_timing("task" if own_process or isolated else "work", label, t0, t1)
-    store = ArtifactStore(S3Config.from_env())
     out_dir = Path(out_dir)
-    files: dict[str, str] = {}
-    store.upload_dir(out_dir, prefix, digests=files)  # conditional writes: never over another run's keys
-    files = dict(sorted(files.items()))
-    record_timing("upload", label, t1, time.time())
-    log.info("%s: %d files stored under %s", label, len(files), store.url(prefix))
-    return StageOutput(label, key, run, str(out_dir), prefix, files, result, round(t1 - t0, 3))
+    if defer_store:       # the manifest now; the flow uploads the files (store_stage) while the next stages run
+        files = digest_dir(out_dir)
+        record_timing("hash", label, t1, time.time())
+        log.info("%s: %d files hashed; they go to %s beside the next stages", label, len(files),
+                 ArtifactStore(S3Config.from_env()).url(prefix))
+    else:                 # on a Ray node: stored with the node's own credentials before the task ends
+        store = ArtifactStore(S3Config.from_env())
+        files = {}
+        store.upload_dir(out_dir, prefix, digests=files)  # conditional writes: never over another run's keys
+        record_timing("upload", label, t1, time.time())
+        log.info("%s: %d files stored under %s", label, len(files), store.url(prefix))
+    return StageOutput(label, key, run, str(out_dir), prefix, dict(sorted(files.items())), result, round(t1 - t0, 3))
+
+
+@task(name="store", task_run_name="store-{label}", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=[5, 30])
+def store_stage(label: str, local: str, prefix: str, files: dict[str, str]) -> int:
+    """Upload a finished stage's files (its manifest: relative path -> sha256) to its S3 prefix; returns how many.
+    Conditional writes: a retry, or a second run storing the same content, is a no-op; never over other content."""
+    t0 = time.time()
+    on_disk = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+    if on_disk != files.keys():
+        changed = sorted(on_disk ^ files.keys())[:5]
+        raise StorageError(f"{label}: files of {local} came or went after the stage ended ({', '.join(changed)}); a "
+                           "stage's folder must not change once it has finished: see what else writes there")
+    store = ArtifactStore(S3Config.from_env())
+    store.upload_dir(Path(local), prefix, digests=dict(files))
+    record_timing("upload", label, t0, time.time())
+    get_run_logger().info("%s: %d files stored under %s", label, len(files), store.url(prefix))
+    return len(files)
 
 
 def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
@@ -98,9 +125,9 @@ def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
     @task(name=name, task_run_name="{label}", cache_policy=CONTENT_KEY, persist_result=True, retries=retries,
           retry_delay_seconds=delay, retry_condition_fn=retry_if)
     def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
-              isolated: bool = False) -> StageOutput:
+              isolated: bool = False, defer_store: bool = False) -> StageOutput:
         return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"),
-                           isolated=isolated)
+                           isolated=isolated, defer_store=defer_store)
     return stage
 
 
@@ -177,7 +204,10 @@ class StageRun:
 
 
 class StageRunner:
-    """Runs the stages of one flow run through their content-keyed tasks and keeps the table for the summary."""
+    """Runs the stages of one flow run through their content-keyed tasks and keeps the table for the summary.
+
+    A stage run by the flow's own task runner is stored to S3 by a `store` task started when it finishes, while
+    the stages after it run; `wait_stored()` (and leaving the `with` block) waits for every one of them."""
 
     def __init__(self, keys: StageKeys, store: ArtifactStore, run: str, run_dir: Path, prefix: str,
                  isolate: bool = False):
@@ -186,6 +216,21 @@ class StageRunner:
         self.storage = result_storage(store.cfg)
         self.table: list[StageRun] = []
         self.outputs: dict[str, StageOutput] = {}
+        self.storing: list[tuple[str, Any]] = []      # (label, future of its store task), not yet waited for
+        self.store_task = store_stage                 # with_options(...) to change its retries
+
+    def __enter__(self) -> "StageRunner":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # stages that finished are stored even when a later one failed (a retry then reuses them)
+        if exc_type is None:
+            self.wait_stored()
+        else:
+            try:
+                self.wait_stored()
+            except StorageError as e:       # the flow's own error is the one to see; this one is logged
+                get_run_logger().error("%s", e)
 
     def key(self, stage: str, upstream: list[str], item: dict | None = None, extra: dict | None = None) -> str:
         return self.keys.key(stage, upstream, item, extra)
@@ -193,10 +238,11 @@ class StageRunner:
     def submit(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], refresh: bool = False,
                runner: TaskRunner | None = None):
         """Start the stage's task (a future); `rel` is its folder under the run (and its S3 prefix). `runner`: a
-        task runner other than the flow's (the train matrix on a Ray cluster)."""
+        task runner other than the flow's (the train matrix on a Ray cluster); its tasks store their own files."""
         t = STAGE_TASKS[stage].with_options(result_storage=self.storage, refresh_cache=refresh or None)
         args = {"label": label, "key": key, "run": self.run, "out_dir": self.run_dir / rel,
-                "prefix": f"{self.prefix}/{rel}", "call": call, "isolated": self.isolate and stage in ISOLATED_STAGES}
+                "prefix": f"{self.prefix}/{rel}", "call": call, "isolated": self.isolate and stage in ISOLATED_STAGES,
+                "defer_store": runner is None}
         return runner.submit(t, parameters=args) if runner is not None else t.submit(**args)
 
     def finish(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], future,
@@ -214,6 +260,10 @@ class StageRunner:
                 out = self.submit(stage, label, key, rel, call, refresh=True, runner=runner).result()
                 cached = False
             record_timing("materialise", label, t0, time.time())
+        if not cached and runner is None:
+            self._store(label, str(dst), out.prefix, out.files)
+        elif cached:
+            self._repair(out, dst)
         self.table.append(StageRun(label, key, cached, self.store.url(out.prefix), out.seconds))
         self.outputs[label] = out
         if cached:
@@ -223,6 +273,35 @@ class StageRunner:
 
     def __call__(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any]) -> Any:
         return self.finish(stage, label, key, rel, call, self.submit(stage, label, key, rel, call))
+
+    def _store(self, label: str, local: str, prefix: str, files: dict[str, str]) -> None:
+        self.storing.append((label, self.store_task.submit(label, local, prefix, files)))
+
+    def _repair(self, out: StageOutput, dst: Path) -> None:
+        """A reused result whose producing run ended before all its files were stored (a crash while uploading):
+        store the missing ones from this run's verified copy, under the producer's prefix."""
+        present = set(self.store.list(f"{out.prefix}/"))
+        missing = [rel for rel in out.files if f"{out.prefix}/{rel}" not in present]
+        if missing:
+            get_run_logger().warning("%s: %d of %d stored files missing under %s (its run ended while storing "
+                                     "them); storing them again", out.label, len(missing), len(out.files),
+                                     self.store.url(out.prefix))
+            self._store(out.label, str(dst), out.prefix, out.files)
+
+    def wait_stored(self) -> int:
+        """Wait for every store task started so far; returns the files stored. Raises StorageError naming each
+        stage whose files did not all reach S3 (their results stay on this disk; a retry stores them)."""
+        storing, self.storing = self.storing, []
+        stored, failed = 0, []
+        for label, fut in storing:
+            try:
+                stored += fut.result()
+            except Exception as e:
+                failed.append(f"{label} ({type(e).__name__}: {e})")
+        if failed:
+            raise StorageError(f"{len(failed)} finished stage(s) not stored in the artifact store: {'; '.join(failed)}."
+                               " Their results are kept on this disk; retrying the flow run stores them")
+        return stored
 
     def urls(self, label: str, under: str = "") -> list[str]:
         """s3:// URIs of a finished stage's files (under a sub-folder), wherever the producing run put them."""

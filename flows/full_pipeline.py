@@ -72,52 +72,54 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     keys = StageKeys(params_file)
     rename_flow_run(version, keys.params_hash())
     log.info("run %s on data version %s, params %s; artifacts under %s", rid, version, keys.params_hash(), prefix)
-    stages = StageRunner(keys, store, rid, run_dir, prefix, isolate=p["fanout"].warm_start)
+    with StageRunner(keys, store, rid, run_dir, prefix, isolate=p["fanout"].warm_start) as stages:
+        # a DataValidationError fails the flow here: validate never retries, nothing below it runs
+        kv = stages.key("validate", [version])
+        validated = stages("validate", "validate", kv, "validate", partial(
+            stage_call, "pipelines.validate:run", p["data"], p["validate"], run_dir / "validate"))
+        publish_validate(validated, stages.urls("validate", "eda/"))
+        ks = stages.key("split", [kv])
+        stages("split", "split", ks, "split", partial(pipelines.split.run, p["split"], run_dir / "validate",
+                                                      run_dir / "split"))
+        publish_markdown(run_dir / "split" / "report.md", "fold-split")
 
-    # a DataValidationError fails the flow here: validate never retries, nothing below it runs
-    kv = stages.key("validate", [version])
-    validated = stages("validate", "validate", kv, "validate",
-                       partial(stage_call, "pipelines.validate:run", p["data"], p["validate"], run_dir / "validate"))
-    publish_validate(validated, stages.urls("validate", "eda/"))
-    ks = stages.key("split", [kv])
-    stages("split", "split", ks, "split", partial(pipelines.split.run, p["split"], run_dir / "validate",
-                                                  run_dir / "split"))
-    publish_markdown(run_dir / "split" / "report.md", "fold-split")
+        matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
+        trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks])
+        publish_members(trained, "train-metrics")
+        result, ki, kaudit = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
+        infer_keys = [ki]
 
-    matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
-    trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks])
-    publish_members(trained, "train-metrics")
-    result, ki, kaudit = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
-    infer_keys = [ki]
+        # pseudo -> retrain -> infer, pseudo.rounds times: each round labels the test set with the last ensemble
+        for r in range(1, p["pseudo"].rounds + 1):
+            kp = stages.key("pseudo", [kv, ki], {"round": r})
+            stages("pseudo", f"pseudo-r{r}", kp, f"pseudo/r{r}",
+                   partial(stage_call, "pipelines.pseudo:run", p["data"], p["pseudo"], run_dir / "validate",
+                           run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
+            # the previous round's audit decides which training images this round drops or relabels
+            retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
+                                             [kv, ks, kp, kaudit], r)
+            publish_members(retrained, f"retrain-r{r}-metrics")
+            result, ki, kaudit = infer_round(stages, p, run_dir, r, [kv, *member_keys])
+            infer_keys.append(ki)
 
-    # pseudo -> retrain -> infer, pseudo.rounds times: each round labels the test set with the previous ensemble
-    for r in range(1, p["pseudo"].rounds + 1):
-        kp = stages.key("pseudo", [kv, ki], {"round": r})
-        stages("pseudo", f"pseudo-r{r}", kp, f"pseudo/r{r}",
-               partial(stage_call, "pipelines.pseudo:run", p["data"], p["pseudo"], run_dir / "validate",
-                       run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
-        # the previous round's audit decides which training images this round drops or relabels
-        retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
-                                         [kv, ks, kp, kaudit], r)
-        publish_members(retrained, f"retrain-r{r}-metrics")
-        result, ki, kaudit = infer_round(stages, p, run_dir, r, [kv, *member_keys])
-        infer_keys.append(ki)
+        # the ablation submits its rows' files (idempotent by sha256): a hit reuses the rows the leaderboard scored
+        ka = stages.key("ablation", infer_keys, extra={"submit": submit, "leaderboard": [
+            p["submit"].base_url, p["submit"].competition_id]})
+        ablation = stages("ablation", "ablation", ka, "ablation",
+                          partial(tasks.ablation.fn, p["ablation"], p["submit"], p["data"], run_dir / "infer",
+                                  run_dir / "ablation", submit=submit, run_name=rid))
+        create_table_artifact(ablation.table(), key="ablation", description="does each step pay? OOF and public "
+                              "mIoU per step, deltas against the row above")
+        publish_markdown(run_dir / "ablation" / "ablation.md", "ablation-report")
 
-    # the ablation submits its rows' files (idempotent by sha256): a hit reuses the rows the leaderboard scored
-    ka = stages.key("ablation", infer_keys, extra={"submit": submit, "leaderboard": [
-        p["submit"].base_url, p["submit"].competition_id]})
-    ablation = stages("ablation", "ablation", ka, "ablation",
-                      partial(tasks.ablation.fn, p["ablation"], p["submit"], p["data"], run_dir / "infer",
-                              run_dir / "ablation", submit=submit, run_name=rid))
-    create_table_artifact(ablation.table(), key="ablation",
-                          description="does each step pay? OOF and public mIoU per step, deltas against the row above")
-    publish_markdown(run_dir / "ablation" / "ablation.md", "ablation-report")
-
-    summary = {"run": rid, "data_version": version, "params_hash": keys.params_hash(), "oof_miou": result.oof_miou,
-               "artifacts": prefix}
-    if submit:
-        summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
+        summary = {"run": rid, "data_version": version, "params_hash": keys.params_hash(),
+                   "oof_miou": result.oof_miou, "artifacts": prefix}
+        if submit:
+            summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
+        # every stage's files in S3 (stored while the later stages ran) before the run counts as done
+        stored = stages.wait_stored()
     summary["dvc_pushed"] = pushed.result()
+    summary["stored_files"] = stored
     summary["stages"] = stages.summary_rows()
     summary["reused"] = sum(r["cached"] for r in summary["stages"])
     write_json(run_dir / "summary.json", summary)
@@ -191,6 +193,7 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
                 get_run_logger().error("%s failed: %s", label, e)
                 failed.append(member)
     if failed:
+        stages.wait_stored()        # the members that finished are in S3 before the flow fails
         raise RuntimeError(f"{stage}: {len(failed)} of {len(matrix)} members failed ({', '.join(failed)}); the others "
                            "finished and are stored. See each failed task's log for the cause; a retry of this "
                            "flow run reuses the finished members")

@@ -95,6 +95,34 @@ def union_seconds(intervals: list[tuple[float, float]], lo: float, hi: float) ->
     return total
 
 
+# what a moment outside every stage's work was spent on, by what else was running then (first match wins)
+CAUSES = ("upload", "hash", "materialise", "task")
+
+
+def outside_by_cause(rows: list[dict], lo: float, hi: float) -> tuple[dict[str, float], list[dict]]:
+    """Split the wall time in [lo, hi] that no stage's work covers by what else ran then: an S3 upload, hashing,
+    a materialisation, a stage process starting ("task": its interval less its work), else "orchestration"
+    (Prefect, DVC, the flow's own code). Returns the seconds by cause and the ten longest idle stretches."""
+    cuts = sorted({lo, hi, *(min(max(t, lo), hi) for r in rows for t in (r["start"], r["end"]))})
+    causes: dict[str, float] = {}
+    stretches: list[dict] = []
+    for a, b in zip(cuts, cuts[1:]):
+        mid = (a + b) / 2
+        live = [r for r in rows if r["start"] <= mid < r["end"]]
+        if any(r["kind"] == "work" for r in live):
+            continue
+        cause = next((c for c in CAUSES if any(r["kind"] == c for r in live)), "orchestration")
+        causes[cause] = causes.get(cause, 0.0) + b - a
+        labels = sorted({r["label"] for r in live if r["kind"] == cause})
+        if stretches and abs(stretches[-1]["end"] - (a - lo)) < 1e-6 and stretches[-1]["cause"] == cause:
+            stretches[-1]["end"] = round(b - lo, 2)
+            stretches[-1]["labels"] = sorted(set(stretches[-1]["labels"]) | set(labels))
+        else:
+            stretches.append({"start": round(a - lo, 2), "end": round(b - lo, 2), "cause": cause, "labels": labels})
+    longest = sorted(stretches, key=lambda g: g["start"] - g["end"])[:10]
+    return {c: round(v, 1) for c, v in causes.items()}, longest
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -117,11 +145,13 @@ def one_run(project: Path, env: dict, api: str) -> dict:
     by_kind: dict[str, float] = {}
     for r in rows:
         by_kind[r["kind"]] = round(by_kind.get(r["kind"], 0.0) + r["end"] - r["start"], 2)
+    causes, longest = outside_by_cause(rows, t0, t1)
     fr = requests.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, timeout=30).json()[0]
     return {"run": rid, "flow_run_name": fr["name"], "wall_s": round(t1 - t0, 1),
             "flow_run_s": round(fr.get("total_run_time") or 0.0, 1), "stage_work_s": round(busy, 1),
             "overhead_s": round(t1 - t0 - busy, 1), "overhead_share": round(1 - busy / (t1 - t0), 4),
-            "summed_by_kind_s": by_kind, "stages_reused": summary["reused"], "stages": len(summary["stages"]),
+            "summed_by_kind_s": by_kind, "outside_by_cause_s": causes, "longest_outside": longest,
+            "stages_reused": summary["reused"], "stages": len(summary["stages"]),
             "oof_miou": summary["oof_miou"]}
 
 
@@ -173,6 +203,8 @@ def main() -> None:
           f"| {f['stages_reused']}/{f['stages']} | {f['load_after'].split('load average:')[1].strip()} |")
     print(f"| nothing changed | {u['wall_s']} | {u['stage_work_s']} | {u['overhead_s']} s | "
           f"{u['stages_reused']}/{u['stages']} | {u['load_after'].split('load average:')[1].strip()} |")
+    print("\nfirst run, outside the stages' work, by what else ran: "
+          + ", ".join(f"{c} {v} s" for c, v in sorted(f["outside_by_cause_s"].items(), key=lambda kv: -kv[1])))
     print(f"\n{result['machine']}; load before: {result['load_before']}; written {root / 'bench.json'}")
 
 

@@ -120,6 +120,20 @@ def sha256_file(path: Path) -> str:
     return file_digest(path)
 
 
+HASH_WORKERS = 4      # hashlib releases the GIL on large updates: files of a folder hash in parallel
+
+
+def digest_dir(local_dir: Path | str, workers: int = HASH_WORKERS) -> dict[str, str]:
+    """sha256 of every file under `local_dir`, by path relative to it (posix), sorted by path."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"{local_dir} is not a directory")
+    paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    return {p.relative_to(local_dir).as_posix(): d for p, d in zip(paths, digests)}
+
+
 def _code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
@@ -439,7 +453,8 @@ class ArtifactStore:
                    workers: int = UPLOAD_WORKERS, digests: dict[str, str] | None = None) -> list[str]:
         """Upload every file under `local_dir` to `key_prefix/<relative path>`, `workers` at a time (a stage's
         folder is mostly small files: one at a time, the round trips dominate); returns the keys, sorted.
-        `digests`, if given, receives each relative path's sha256 (computed for the upload anyway).
+        `digests`, if given, maps relative paths to sha256: an entry already there is taken as the file's digest
+        (the caller has just hashed it), a missing one is computed and filled in.
         Any file failing fails the call, after the others have finished."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
@@ -450,8 +465,10 @@ class ArtifactStore:
             rel = path.relative_to(local_dir).as_posix()
             jobs.append((path, rel, f"{base}/{rel}" if base else rel))
 
+        known = dict(digests or {})
+
         def put(path: Path, rel: str, key: str) -> None:
-            digest = sha256_file(path)
+            digest = known.get(rel) or sha256_file(path)
             self.put_file(path, key, overwrite=overwrite, digest=digest)
             if digests is not None:
                 digests[rel] = digest

@@ -81,19 +81,34 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
         # the results Prefect persisted are in the S3 store, under the content keys
         stored = store.list("prefect-results/")
         assert all(f"prefect-results/{r['key']}" in stored for r in first["stages"])
+        # every stage's files reached S3 (stored beside the stages after it) before the run returned
+        run_dir = Path("runs") / first["run"]
+        for r in first["stages"]:
+            prefix = r["artifacts"].split(f"s3://{s3_env.bucket}/", 1)[1]
+            local = run_dir / prefix.split(f"runs/{first['run']}/", 1)[1]
+            want = {f"{prefix}/{p.relative_to(local).as_posix()}" for p in local.rglob("*") if p.is_file()}
+            assert want and set(store.list(f"{prefix}/")) == want, r["label"]
+        assert first["stored_files"] == sum(len(store.list(f"runs/{first['run']}/{d}/"))
+                                            for d in ("validate", "split", "train", "infer", "audit", "ablation"))
+        # a night that ended while storing: one stored file lost; the next night reusing the stage stores it again
+        lost = f"runs/{first['run']}/split/folds.json"
+        store.delete(lost)
 
         second = full_pipeline(params_file="params.yaml", submit=False)
         assert second["run"] != first["run"]
         assert second["reused"] == len(labels), second["stages"]
+        assert store.sha256(lost) == sha256_file(run_dir / "split/folds.json")
         assert [r["key"] for r in second["stages"]] == [r["key"] for r in first["stages"]]
         # the reused outputs are in this run's folder, byte for byte, for the stages downstream
         for rel in ("validate/index.json", "split/folds.json", "train/fpn_mbv2-s0-f1/best.pt",
                     "infer/r0/test_probs.npy", "audit/r0/ranking.json", "ablation/ablation.json"):
             a, b = Path("runs") / first["run"] / rel, Path("runs") / second["run"] / rel
             assert b.is_file() and sha256_file(a) == sha256_file(b), rel
-        # no stage's own work ran the second night: the timing log holds only materialisations
-        kinds = {json.loads(line)["kind"] for line in (Path("runs") / second["run"] / "timings.jsonl").open()}
-        assert kinds == {"materialise"}, kinds
+        # no stage's own work ran the second night: the timing log holds materialisations and the lost file's
+        # upload (its stage's folder, stored again)
+        rows = [json.loads(line) for line in (Path("runs") / second["run"] / "timings.jsonl").open()]
+        assert {r["kind"] for r in rows} == {"materialise", "upload"}, rows
+        assert [r["label"] for r in rows if r["kind"] == "upload"] == ["split"]
         assert second["oof_miou"] == first["oof_miou"]
 
         # one changed infer param: only infer and what reads it run again

@@ -91,9 +91,9 @@ def test_fan_out_on_a_ray_cluster_matches_the_local_runner(tmp_path, s3_env, mon
     try:
         def run(name: str, fanout: FanoutParams, members=MEMBERS):
             # each run its own content keys (upstream = its folder): nothing is served from the other's result
-            stages = StageRunner(StageKeys(REPO / "params.yaml", root=REPO), ArtifactStore(s3_env), name,
-                                 root / name, f"runs/{name}")
-            outs, _ = fan_out(stages, "train", members, root / name, "params.yaml", fanout, [str(root / name)])
+            with StageRunner(StageKeys(REPO / "params.yaml", root=REPO), ArtifactStore(s3_env), name,
+                             root / name, f"runs/{name}") as stages:     # leaving it: every member stored
+                outs, _ = fan_out(stages, "train", members, root / name, "params.yaml", fanout, [str(root / name)])
             return outs
 
         @flow
