@@ -82,6 +82,17 @@ def record_timing(kind: str, label: str, start: float, end: float) -> None:
         os.close(fd)
 
 
+@contextmanager
+def timed_as(kind: str, label: str) -> Iterator[None]:
+    """Record the block's interval as `kind`: a stage's own S3 transfers ("s3"), inside its work, so the overhead
+    benchmark counts them as transfers, not work."""
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        record_timing(kind, label, t0, time.time())
+
+
 def stage_call(target: str, *args: Any, **kwargs: Any) -> Any:
     """Call the stage function `module:function`, importing its module here: the flow names its stages this way,
     so its own process never imports torch or great-expectations (they run in the stage's process)."""

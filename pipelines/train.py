@@ -9,13 +9,14 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, write_json
+from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
@@ -216,6 +217,11 @@ class ResultCache(_ContentKeyed):
                 self.store.delete(k)
 
 
+def _timed_push(mirror: CheckpointMirror, key: str, local: Path, epoch: int) -> None:
+    with timed_as("s3", key):
+        mirror.push(local, epoch)
+
+
 def write_dvclive(history: list[dict], out: Path) -> None:
     """Per-epoch metrics in dvclive's file layout (plots/metrics/<name>.tsv + metrics.json), so `dvc plots show`
     draws the learning curves. Written directly: dvclive's own Live() hooks into git and DVC experiments, and
@@ -318,7 +324,9 @@ def run(
     resolved = resolved_config(params, model, seed, fold, classes, inputs, cfg,
                                None if weights is None else weights.tolist(), len(train_s), len(val_s))
     cache = ResultCache.from_env(key, resolved)
-    if cache is not None and cache.fetch(out_dir):
+    with timed_as("s3", key):
+        fetched = cache is not None and cache.fetch(out_dir)
+    if fetched:
         m = json.loads((out_dir / "metrics.json").read_text())
         print(f"train {key}: unchanged inputs, params and code; reused {cache.store.url(cache.prefix)} "
               f"(best val mIoU {m['best_miou']:.4f})", flush=True)
@@ -335,11 +343,12 @@ def run(
     resume_dir.mkdir(parents=True, exist_ok=True)
     mirror = CheckpointMirror.from_env(key, resolved)
     if mirror is not None:
-        mirror.restore(resume_dir / "last.pt")
+        with timed_as("s3", key):
+            mirror.restore(resume_dir / "last.pt")
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
           f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)", flush=True)
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
-                         data.ignore_index, resume_dir, resolved, on_checkpoint=mirror.push if mirror else None,
+                         data.ignore_index, resume_dir, resolved, on_checkpoint=partial(_timed_push, mirror, key) if mirror else None,
                          desc=key)
 
     # out-of-fold probabilities of the kept weights, float16, for ensembling and weight search
@@ -367,10 +376,11 @@ def run(
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
-    if cache is not None:
-        cache.store_result(out_dir)
-    if mirror is not None:
-        mirror.clear()
+    with timed_as("s3", key):
+        if cache is not None:
+            cache.store_result(out_dir)
+        if mirror is not None:
+            mirror.clear()
     where = "SWA average" if result.best_source == "swa" else f"epoch {result.best_epoch + 1}"
     print(f"train {key}: best val mIoU {result.best_miou:.4f} ({where}) -> {out_dir}", flush=True)
     return TrainResult(key, result.best_miou, out_dir)

@@ -11,6 +11,7 @@ deployments and runs `prefect deployment run full-pipeline/demo --watch` twice, 
    training member inside its own process, after the interpreter and torch have started). The overhead is the
    share of the run's wall time (the CLI's, from `deployment run` to the final state) during which no stage was
    working: Prefect (scheduling, worker pick-up, task and result handling), DVC, S3 transfers, process start-up.
+   A training member's own S3 transfers (its checkpoint mirror and result store) count as transfers, not work.
    The ratio is taken within the one run, so a machine shared with other jobs slows both sides alike.
 2. the second run, with identical data, params and code, is the "nothing changed" night: its wall time.
 
@@ -84,32 +85,24 @@ def free_ports() -> dict[str, int]:
             return {"s3": base, "prefect": base + 9, "leaderboard": base + 10}
 
 
-def union_seconds(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
-    """Length of the union of the intervals, clipped to [lo, hi]."""
-    total, end = 0.0, lo
-    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
-# what a moment outside every stage's work was spent on, by what else was running then (first match wins)
-CAUSES = ("upload", "hash", "materialise", "task")
+# what a moment outside every stage's work was spent on, by what else was running then (first match wins): "s3"
+# is a stage's own S3 transfer inside its work interval (a training member's checkpoint mirror and result store)
+CAUSES = ("s3", "upload", "hash", "materialise", "task")
 
 
 def outside_by_cause(rows: list[dict], lo: float, hi: float) -> tuple[dict[str, float], list[dict]]:
-    """Split the wall time in [lo, hi] that no stage's work covers by what else ran then: an S3 upload, hashing,
-    a materialisation, a stage process starting ("task": its interval less its work), else "orchestration"
-    (Prefect, DVC, the flow's own code). Returns the seconds by cause and the ten longest idle stretches."""
+    """Split the wall time in [lo, hi] that no stage's work covers by what else ran then: a stage's own S3
+    transfer (its work is suspended meanwhile), an S3 upload, hashing, a materialisation, a stage process starting
+    ("task": its interval less its work), else "orchestration" (Prefect, DVC, the flow's own code). Returns the
+    seconds by cause and the ten longest idle stretches."""
     cuts = sorted({lo, hi, *(min(max(t, lo), hi) for r in rows for t in (r["start"], r["end"]))})
     causes: dict[str, float] = {}
     stretches: list[dict] = []
     for a, b in zip(cuts, cuts[1:]):
         mid = (a + b) / 2
         live = [r for r in rows if r["start"] <= mid < r["end"]]
-        if any(r["kind"] == "work" for r in live):
+        in_s3 = {r["pid"] for r in live if r["kind"] == "s3"}
+        if any(r["kind"] == "work" and r["pid"] not in in_s3 for r in live):
             continue
         cause = next((c for c in CAUSES if any(r["kind"] == c for r in live)), "orchestration")
         causes[cause] = causes.get(cause, 0.0) + b - a
@@ -140,12 +133,11 @@ def one_run(project: Path, env: dict, api: str) -> dict:
     (rid,) = [p.name for p in (project / "runs").glob("*") if p.name not in before]
     summary = json.loads((project / "runs" / rid / "summary.json").read_text())
     rows = [json.loads(line) for line in (project / "runs" / rid / "timings.jsonl").read_text().splitlines()]
-    work = [(r["start"], r["end"]) for r in rows if r["kind"] == "work"]
-    busy = union_seconds(work, t0, t1)
+    causes, longest = outside_by_cause(rows, t0, t1)
+    busy = t1 - t0 - sum(causes.values())
     by_kind: dict[str, float] = {}
     for r in rows:
         by_kind[r["kind"]] = round(by_kind.get(r["kind"], 0.0) + r["end"] - r["start"], 2)
-    causes, longest = outside_by_cause(rows, t0, t1)
     fr = requests.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, timeout=30).json()[0]
     return {"run": rid, "flow_run_name": fr["name"], "wall_s": round(t1 - t0, 1),
             "flow_run_s": round(fr.get("total_run_time") or 0.0, 1), "stage_work_s": round(busy, 1),
