@@ -26,7 +26,7 @@ from pipelines.contentkey import StageKeys
 from segpipe.config import load_all
 from segpipe.inline import embed_images
 from segpipe.profiles import apply_profile
-from segpipe.storage import ArtifactStore, S3Config
+from segpipe.storage import ArtifactStore, S3Config, StorageError
 
 if TYPE_CHECKING:
     from pipelines.validate import ValidateResult
@@ -193,7 +193,10 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
                 get_run_logger().error("%s failed: %s", label, e)
                 failed.append(member)
     if failed:
-        stages.wait_stored()        # the members that finished are in S3 before the flow fails
+        try:                        # the members that finished are in S3 before the flow fails
+            stages.wait_stored()
+        except StorageError as e:   # the members' failure is the error to see; this one is logged beside it
+            get_run_logger().error("%s", e)
         raise RuntimeError(f"{stage}: {len(failed)} of {len(matrix)} members failed ({', '.join(failed)}); the others "
                            "finished and are stored. See each failed task's log for the cause; a retry of this "
                            "flow run reuses the finished members")

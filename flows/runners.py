@@ -7,15 +7,18 @@ The task code is the same either way; only the runner and the device lease diffe
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows import warm
 from segpipe.config import FanoutParams
-from segpipe.gpu import Lease, lease
+from segpipe.gpu import Lease, lease, visible_gpus
 
 RUNNERS = ("local", "ray")
 LOCAL_THREADS = 8      # futures only: the device leases decide how many members really train at once
@@ -85,10 +88,25 @@ def check_cluster(fanout: FanoutParams) -> dict:
 def device_lease(fanout: FanoutParams, lease_dir: Path) -> Iterator[Lease]:
     """The devices a member may use: a file lease on this machine's slots, or the ones Ray assigned this task."""
     if fanout.runner != "ray":
-        with lease(lease_dir, fanout.slots_per_gpu, fanout.cpu_slots) as held:
+        with lease(lease_dir, fanout.slots_per_gpu, fanout.cpu_slots, gpu_count(fanout.warm_start)) as held:
             yield held
         return
     yield ray_lease(fanout)
+
+
+_GPUS: dict[bool, int] = {}
+_GPUS_LOCK = threading.Lock()
+
+
+def gpu_count(warm_start: bool) -> int:
+    """The GPUs this machine may use, found once per process. Counting them takes torch: with warm_start it is
+    asked of a process forked from the warm torch server (imported there already; the flow's own process never
+    imports torch, ~6 s on a 2-core machine, which held up the first training wave), else of torch here."""
+    with _GPUS_LOCK:
+        if warm_start not in _GPUS:
+            _GPUS[warm_start] = (warm.call(visible_gpus, logging.getLogger("segpipe").debug, needs="pipelines.train")
+                                 if warm_start else visible_gpus())
+        return _GPUS[warm_start]
 
 
 def ray_lease(fanout: FanoutParams) -> Lease:

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -53,7 +54,7 @@ PRELOADS = {"validate": ("great_expectations", "pipelines.validate"),
 
 def group_of(module: str) -> str:
     """The server a process needing `module` is forked from: validate's, else the torch one."""
-    return next((g for g, mods in PRELOADS.items() if module in mods and g != "torch"), "torch")
+    return "validate" if module in PRELOADS["validate"] else "torch"
 
 _LEN = struct.Struct("!Q")
 _CODE = struct.Struct("!i")
@@ -164,7 +165,7 @@ def _request(request: dict, on_line: Callable[[str], None], what: str, group: st
     """Send the request with the pipe's write end; hand on the member's lines until the watcher answers its exit
     code, then what is left in the pipe. Not until the pipe's EOF: a process the member left behind (a data
     loader's worker checks for its parent every 5 s) may hold it open after the member is gone."""
-    payload = json.dumps(request).encode()
+    payload = json.dumps({**request, "label": what, "sent": time.time()}).encode()
     out_r, out_w = os.pipe()
     lines = _Lines(on_line)
     try:
@@ -294,6 +295,9 @@ def _become_member(out: int, request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    # from the request to the member running (the overhead benchmark's "start"; a no-op unless the flow timed it)
+    from pipelines.common import record_timing
+    record_timing("start", request["label"], request["sent"], time.time())
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
         print("CUDA was initialised in the warm server before this fork, so this process cannot use it: an import "

@@ -87,14 +87,15 @@ def free_ports() -> dict[str, int]:
 
 # what a moment outside every stage's work was spent on, by what else was running then (first match wins): "s3"
 # is a stage's own S3 transfer inside its work interval (a training member's checkpoint mirror and result store)
-CAUSES = ("s3", "upload", "hash", "materialise", "task")
+CAUSES = ("s3", "upload", "hash", "materialise", "start", "task")
 
 
 def outside_by_cause(rows: list[dict], lo: float, hi: float) -> tuple[dict[str, float], list[dict]]:
     """Split the wall time in [lo, hi] that no stage's work covers by what else ran then: a stage's own S3
     transfer (its work is suspended meanwhile), an S3 upload, hashing, a materialisation, a stage process starting
-    ("task": its interval less its work), else "orchestration" (Prefect, DVC, the flow's own code). Returns the
-    seconds by cause and the ten longest idle stretches."""
+    ("start": from the request to a warm server until the forked process runs; "task": the rest of a stage task's
+    interval outside its work), else "orchestration" (Prefect, DVC, the flow's own code). Returns the seconds by
+    cause and the ten longest idle stretches."""
     cuts = sorted({lo, hi, *(min(max(t, lo), hi) for r in rows for t in (r["start"], r["end"]))})
     causes: dict[str, float] = {}
     stretches: list[dict] = []

@@ -151,3 +151,13 @@ def test_a_member_with_another_pythonpath_gets_a_server_started_with_it(tmp_path
     assert code == 0 and "site=ran" in lines, lines
     code, lines = member("report")                                   # the caller's own env: its own server
     assert code == 0 and "site=None" in lines, lines
+
+
+def test_counting_gpus_for_the_leases_keeps_torch_out_of_the_flows_process():
+    """The device leases need the GPU count, which takes torch: asked of the warm torch server's fork, once."""
+    probe = ("import sys; sys.path.insert(0, %r); from flows import runners, warm; warm.warm_up(); "
+             "n = runners.gpu_count(True); assert runners.gpu_count(True) == n; "
+             "print(n, 'torch' in sys.modules, flush=True)" % str(REPO))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    from segpipe.gpu import visible_gpus
+    assert out.stdout.split() == [str(visible_gpus()), "False"], out
