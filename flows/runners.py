@@ -100,12 +100,12 @@ _GPUS_LOCK = threading.Lock()
 
 def gpu_count(warm_start: bool) -> int:
     """The GPUs this machine may use, found once per process. Counting them takes torch: with warm_start it is
-    asked of a process forked from the warm torch server (imported there already; the flow's own process never
-    imports torch, ~6 s on a 2-core machine, which held up the first training wave), else of torch here."""
+    asked of a process forked from the warm server (imported there already; the flow's own process never imports
+    torch, ~6 s on a 2-core machine, which held up the first training wave), else of torch here."""
     with _GPUS_LOCK:
         if warm_start not in _GPUS:
-            _GPUS[warm_start] = (warm.call(visible_gpus, logging.getLogger("segpipe").debug, needs="pipelines.train")
-                                 if warm_start else visible_gpus())
+            _GPUS[warm_start] = (warm.call(visible_gpus, logging.getLogger("segpipe").debug) if warm_start
+                                 else visible_gpus())
         return _GPUS[warm_start]
 
 

@@ -3,9 +3,8 @@ already imported great-expectations, torch, segmentation-models-pytorch, albumen
 of a fresh interpreter (or the flow's own process) spending ~8 s importing them, per member and per wave, on the
 critical path.
 
-The flow starts the servers (`warm_up`) before its first stage: validate's (great-expectations) and the torch
-one, importing side by side while the flow fetches the data, each serving any request that comes early with what
-it has imported so far.
+The flow starts the server (`warm_up`) before its first stage; it imports in its own process while the flow
+fetches the data, serving any request that comes early with what it has imported so far.
 
 - `run_module`: a training member, as `python -m pipelines.train <args>` would run it: its own environment (the
   device lease's CUDA_VISIBLE_DEVICES), working directory, argv and exit code (negative: killed by that signal),
@@ -44,18 +43,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-# two servers, importing side by side from the flow's start (each ~6 s of one core here): validate's
-# (great-expectations, pandas, cv2), and the one the train members, inference, the audit and pseudo-labels are
-# forked from (torch, smp, timm, albumentations). One server importing both kept the first training wave waiting
-# ~10 s for torch while validation ran
-PRELOADS = {"validate": ("great_expectations", "pipelines.validate"),
-            "torch": ("pipelines.train", "pipelines.infer", "pipelines.audit", "pipelines.pseudo")}
-
-
-def group_of(module: str) -> str:
-    """The server a process needing `module` is forked from: validate's, else the torch one."""
-    return "validate" if module in PRELOADS["validate"] else "torch"
-
+# in the order the flow needs them: validate (great-expectations, pandas, cv2), then the train members (torch, smp,
+# timm, albumentations), then inference, the audit and pseudo-labels. One server: two importing side by side (one
+# for great-expectations, one for torch) measured slower on a 2-core machine, where the imports, validation and
+# the flow's start share the cores (demo: 22.9 s before validate worked, against 16.9 s with one)
+PRELOAD = ("great_expectations", "pipelines.validate", "pipelines.train", "pipelines.infer", "pipelines.audit",
+           "pipelines.pseudo")
 _LEN = struct.Struct("!Q")
 _CODE = struct.Struct("!i")
 _EARLY_ANSWER: socket.socket | None = None     # in a call's process: where it answers its own exit code
@@ -80,11 +73,10 @@ def startup_env(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class _Server:
-    """A server this process started, for one start-up environment and preload group: its process and socket
-    address."""
+    """A server this process started, for one start-up environment: its process and socket address."""
 
-    def __init__(self, env: dict[str, str], group: str) -> None:
-        self.env, self.group = dict(env), group
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = dict(env)
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.address = ""
@@ -103,7 +95,7 @@ class _Server:
         listener.listen(64)
         env = {**self.env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
         boot = (f"import sys; sys.path[:0] = {json.dumps(sys.path)}; from flows.warm import serve; "
-                f"serve({listener.fileno()}, {list(PRELOADS[self.group])!r})")
+                f"serve({listener.fileno()}, {list(PRELOAD)!r})")
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, env=env,
                                          pass_fds=[listener.fileno()])
@@ -112,45 +104,43 @@ class _Server:
         self.address = address
 
 
-_SERVERS: dict[tuple, _Server] = {}
+_SERVERS: dict[tuple[tuple[str, str], ...], _Server] = {}
 _SERVERS_LOCK = threading.Lock()
 
 
-def _server(env: dict[str, str], group: str = "torch") -> _Server:
-    """The server for env's start-up variables and the preload group (started on first use)."""
-    key = (startup_env(env), group)
+def _server(env: dict[str, str]) -> _Server:
+    """The server for env's start-up variables (started on first use)."""
+    key = startup_env(env)
     with _SERVERS_LOCK:
         if key not in _SERVERS:
-            _SERVERS[key] = _Server(env, group)
+            _SERVERS[key] = _Server(env)
         return _SERVERS[key]
 
 
 def warm_up() -> None:
-    """Start the servers for this process's environment (those not running); they import in the background.
-    Returns at once."""
-    for group in PRELOADS:
-        _server(dict(os.environ), group).ensure()
+    """Start the server for this process's environment (if none runs); it imports in the background. Returns at
+    once."""
+    _server(dict(os.environ)).ensure()
 
 
 def run_module(module: str, argv: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> int:
-    """`python -m <module> <argv>` with exactly `env`, in a process forked from a warm server (started here if
+    """`python -m <module> <argv>` with exactly `env`, in a process forked from the warm server (started here if
     need be); every line it prints goes to `on_line` as it comes. Returns its exit code, like subprocess."""
     return _request({"module": module, "argv": list(argv), "env": dict(env), "cwd": os.getcwd()}, on_line,
-                    f"`{module} {' '.join(argv[:6])}`", group_of(module))
+                    f"`{module} {' '.join(argv[:6])}`")
 
 
-def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, str] | None = None,
-         needs: str = "") -> Any:
-    """fn() in a process forked from a warm server (a stage with heavy imports: they are already made, and its
-    memory, CUDA context included, goes when it ends); `needs`: the module fn imports (it picks the server). Its
-    printed and logged lines go to `on_line`. Returns what fn returned, or raises what it raised. `fn` and its
-    result are pickled (a functools.partial of a module-level function is)."""
+def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, str] | None = None) -> Any:
+    """fn() in a process forked from the warm server (a stage with heavy imports: they are already made, and its
+    memory, CUDA context included, goes when it ends); its printed and logged lines go to `on_line`. Returns
+    what fn returned, or raises what it raised. `fn` and its result are pickled (a functools.partial of a
+    module-level function is)."""
     with tempfile.TemporaryDirectory(prefix="segpipe-warm-call-") as tmp:
         result = Path(tmp) / "result.pickle"
         request = {"call": base64.b64encode(pickle.dumps(fn)).decode(), "result": str(result),
                    "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
         name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
-        code = _request(request, on_line, name, group_of(needs))
+        code = _request(request, on_line, name)
         if not result.is_file():
             raise WarmServerError(f"{name} ended (exit code {code}) before returning a result")
         outcome = pickle.loads(result.read_bytes())
@@ -161,7 +151,7 @@ def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, s
     raise exc
 
 
-def _request(request: dict, on_line: Callable[[str], None], what: str, group: str) -> int:
+def _request(request: dict, on_line: Callable[[str], None], what: str) -> int:
     """Send the request with the pipe's write end; hand on the member's lines until the watcher answers its exit
     code, then what is left in the pipe. Not until the pipe's EOF: a process the member left behind (a data
     loader's worker checks for its parent every 5 s) may hold it open after the member is gone."""
@@ -171,7 +161,7 @@ def _request(request: dict, on_line: Callable[[str], None], what: str, group: st
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             try:
-                conn.connect(_server(request["env"], group).ensure())
+                conn.connect(_server(request["env"]).ensure())
                 socket.send_fds(conn, [_LEN.pack(len(payload))], [out_w])
                 conn.sendall(payload)
             finally:

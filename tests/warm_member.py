@@ -60,7 +60,3 @@ def answer(x: int, *, fail: str = "") -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     return {"x": x, "square": x * x}
 
-
-def loaded() -> list[str]:
-    """Which of the two preload groups' heavy modules this process has (a call's: its server's)."""
-    return sorted(m for m in ("great_expectations", "pipelines.train") if m in sys.modules)
