@@ -131,8 +131,11 @@ def test_09_one_member_out_of_memory_fails_with_advice_and_the_others_finish(pre
     def two_members():
         stages = StageRunner(StageKeys(REPO / "params.yaml", root=REPO), ArtifactStore(S3Config.from_env()),
                              prefix.rsplit("/", 1)[1], tmp_path, prefix)
+        # fresh interpreters (warm_start false): a member forked from the warm server starts with the server's
+        # address space (great-expectations and torch imported, a few GiB of it virtual), which RLIMIT_AS counts,
+        # so the cap would no longer tell the two members apart
         outs, _ = fan_out(stages, "train", [("huge", 0, 0), ("small", 0, 0)], tmp_path, "params.yaml",
-                          FanoutParams(slots_per_gpu=1, cpu_slots=2), [prefix])     # keys of this test alone
+                          FanoutParams(slots_per_gpu=1, cpu_slots=2, warm_start=False), [prefix])  # this test's keys
         return outs
 
     state = two_members(return_state=True)
@@ -203,7 +206,8 @@ def test_10_bad_inputs_reach_no_stage_past_validation(prefect_server, project, w
         assert {n.rsplit("-", 1)[0]: v for n, v in runs.items() if not n.startswith("dvc-push")} == {
             "fetch": ("COMPLETED", 1), "validate": ("FAILED", 1)}, (kind, runs)     # (the DVC push runs beside)
         assert not (project / "runs" / rid / "validate").exists()
-        assert not [p for p in (project / "runs" / rid).rglob("*") if p.is_file()]   # nothing past validate
+        # nothing past validate (the run's timing log, a measurement aid, holds validate's process start)
+        assert not [p for p in (project / "runs" / rid).rglob("*") if p.is_file() and p.name != "timings.jsonl"]
         assert store.list(f"runs/{rid}/") == []
         outcomes.append(f"{kind}: {' '.join(str(e.value).split())[:160]}")
     record(Row("10 bad inputs", "short", len(kinds), "validate failed once per bad input, with a message naming the "
