@@ -91,8 +91,8 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
     if defer_store:       # the manifest now; the flow uploads the files (store_stage) while the next stages run
         files = digest_dir(out_dir)
         record_timing("hash", label, t1, time.time())
-        log.info("%s: %d files hashed; they go to %s beside the next stages", label, len(files),
-                 ArtifactStore(S3Config.from_env()).url(prefix))
+        log.info("%s: %d files hashed; the store task puts them under %s beside the next stages", label,
+                 len(files), prefix)
     else:                 # on a Ray node: stored with the node's own credentials before the task ends
         store = ArtifactStore(S3Config.from_env())
         files = {}

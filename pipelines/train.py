@@ -347,9 +347,9 @@ def run(
             mirror.restore(resume_dir / "last.pt")
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
           f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)", flush=True)
+    push = partial(_timed_push, mirror, key) if mirror else None
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
-                         data.ignore_index, resume_dir, resolved, on_checkpoint=partial(_timed_push, mirror, key) if mirror else None,
-                         desc=key)
+                         data.ignore_index, resume_dir, resolved, on_checkpoint=push, desc=key)
 
     # out-of-fold probabilities of the kept weights, float16, for ensembling and weight search
     best = torch.load(resume_dir / "best.pt", map_location="cpu", weights_only=False)
