@@ -76,12 +76,14 @@ CONTENT_KEY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters)
 
 
 def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
-                own_process: bool = False, isolated: bool = False, defer_store: bool = False) -> StageOutput:
+                own_process: bool = False, isolated: bool = False, defer_store: bool = False,
+                module: str = "") -> StageOutput:
     log = get_run_logger()
     log.info("%s: key %s not in the store; running it", label, key)
     t0 = time.time()
     if isolated:    # in a process forked from the warm server: its imports are made, its memory goes with it
-        result = warm.call(partial(timed_call, label, call), lambda line: line.strip() and log.info(line))
+        result = warm.call(partial(timed_call, label, call), lambda line: line.strip() and log.info(line),
+                           needs=(module,) if module else ())
     else:
         result = call()
     t1 = time.time()
@@ -127,7 +129,7 @@ def _make_task(name: str, retries: int = 0, delay: int = 5, retry_if=None):
     def stage(label: str, key: str, run: str, out_dir: Path, prefix: str, call: Callable[[], Any],
               isolated: bool = False, defer_store: bool = False) -> StageOutput:
         return _stage_body(label, key, run, out_dir, prefix, call, own_process=name in ("train", "retrain"),
-                           isolated=isolated, defer_store=defer_store)
+                           isolated=isolated, defer_store=defer_store, module=f"pipelines.{name}")
     return stage
 
 

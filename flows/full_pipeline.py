@@ -29,7 +29,7 @@ from segpipe.profiles import apply_profile
 from segpipe.storage import ArtifactStore, S3Config, StorageError
 
 if TYPE_CHECKING:
-    from pipelines.validate import ValidateResult
+    from pipelines.results import ValidateResult
 
 
 def run_id() -> str:

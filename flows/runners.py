@@ -104,8 +104,8 @@ def gpu_count(warm_start: bool) -> int:
     torch, ~6 s on a 2-core machine, which held up the first training wave), else of torch here."""
     with _GPUS_LOCK:
         if warm_start not in _GPUS:
-            _GPUS[warm_start] = (warm.call(visible_gpus, logging.getLogger("segpipe").debug) if warm_start
-                                 else visible_gpus())
+            quiet = logging.getLogger("segpipe").debug
+            _GPUS[warm_start] = warm.call(visible_gpus, quiet, needs=("torch",)) if warm_start else visible_gpus()
         return _GPUS[warm_start]
 
 

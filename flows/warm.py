@@ -4,7 +4,10 @@ of a fresh interpreter (or the flow's own process) spending ~8 s importing them,
 critical path.
 
 The flow starts the server (`warm_up`) before its first stage; it imports in its own process while the flow
-fetches the data, serving any request that comes early with what it has imported so far.
+fetches the data. A request names the modules it needs (a member its module, a call its stage's): one that comes
+before they are imported waits while the server imports them, then is forked warm. Forking it cold instead had
+the member import torch itself, beside the server importing the same: on 2 cores the first training wave started
+~11 s late.
 
 - `run_module`: a training member, as `python -m pipelines.train <args>` would run it: its own environment (the
   device lease's CUDA_VISIBLE_DEVICES), working directory, argv and exit code (negative: killed by that signal),
@@ -125,20 +128,22 @@ def warm_up() -> None:
 
 def run_module(module: str, argv: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> int:
     """`python -m <module> <argv>` with exactly `env`, in a process forked from the warm server (started here if
-    need be); every line it prints goes to `on_line` as it comes. Returns its exit code, like subprocess."""
-    return _request({"module": module, "argv": list(argv), "env": dict(env), "cwd": os.getcwd()}, on_line,
-                    f"`{module} {' '.join(argv[:6])}`")
+    need be, and forked only once `module` is imported there); every line it prints goes to `on_line` as it
+    comes. Returns its exit code, like subprocess."""
+    return _request({"module": module, "argv": list(argv), "env": dict(env), "cwd": os.getcwd(),
+                     "needs": [module]}, on_line, f"`{module} {' '.join(argv[:6])}`")
 
 
-def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, str] | None = None) -> Any:
+def call(fn: Callable[[], Any], on_line: Callable[[str], None], env: dict[str, str] | None = None,
+         needs: tuple[str, ...] = ()) -> Any:
     """fn() in a process forked from the warm server (a stage with heavy imports: they are already made, and its
     memory, CUDA context included, goes when it ends); its printed and logged lines go to `on_line`. Returns
     what fn returned, or raises what it raised. `fn` and its result are pickled (a functools.partial of a
-    module-level function is)."""
+    module-level function is). `needs`: modules fn uses, imported in the server before the fork."""
     with tempfile.TemporaryDirectory(prefix="segpipe-warm-call-") as tmp:
         result = Path(tmp) / "result.pickle"
         request = {"call": base64.b64encode(pickle.dumps(fn)).decode(), "result": str(result),
-                   "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
+                   "env": dict(os.environ if env is None else env), "cwd": os.getcwd(), "needs": list(needs)}
         name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
         code = _request(request, on_line, name)
         if not result.is_file():
@@ -219,7 +224,7 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
 
 def serve(listener_fd: int, preload: list[str]) -> None:
     """The server: fork a watcher per connection until the starting process ends, importing `preload` one module
-    at a time in between (a request that comes early is served with what is imported by then)."""
+    at a time in between. A request is read here, and the modules it needs are imported before its fork."""
     listener = socket.socket(fileno=listener_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)       # watchers are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # ^C in the flow's terminal: the flow decides
@@ -230,25 +235,49 @@ def serve(listener_fd: int, preload: list[str]) -> None:
             return                                      # the starting process is gone
         if listener in ready:
             conn, _ = listener.accept()
+            try:
+                request, out = _read_request(conn)
+            except (OSError, ValueError):               # a caller that went away mid-request: nothing to run
+                conn.close()
+                continue
+            for name in request.get("needs", ()):
+                _import(name)
             if os.fork() == 0:
                 listener.close()
-                _watch(conn)                            # never returns
+                _watch(conn, request, out)              # never returns
             conn.close()
+            os.close(out)
         elif pending:
-            name = pending.pop(0)
-            try:
-                importlib.import_module(name)
-            except Exception:           # noqa: BLE001 - the member imports it again and fails with the cause
-                traceback.print_exc()
+            _import(pending.pop(0))
 
 
-def _watch(conn: socket.socket) -> None:
-    """The watcher: read the request, fork the member, answer its exit code."""
+def _import(name: str) -> None:
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+    except Exception:           # noqa: BLE001 - the member imports it again and fails with the cause
+        traceback.print_exc()
+
+
+def _read_request(conn: socket.socket) -> tuple[dict, int]:
+    """The request (JSON) and the write end of the caller's pipe (SCM_RIGHTS)."""
+    head, fds, _, _ = socket.recv_fds(conn, _LEN.size, 1)
+    if len(fds) != 1 or len(head) != _LEN.size:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a request without its pipe")
+    try:
+        return json.loads(_recv_exactly(conn, _LEN.unpack(head)[0])), fds[0]
+    except ValueError:
+        os.close(fds[0])
+        raise
+
+
+def _watch(conn: socket.socket, request: dict, out: int) -> None:
+    """The watcher: fork the member, answer its exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)       # the member's own subprocesses must be waitable
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    head, fds, _, _ = socket.recv_fds(conn, _LEN.size, 1)
-    request = json.loads(_recv_exactly(conn, _LEN.unpack(head)[0]))
-    (out,) = fds
     pid = os.fork()
     if pid == 0:
         # a call answers its exit code itself once its result is written: the caller goes on while the kernel

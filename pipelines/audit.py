@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -16,19 +16,12 @@ import numpy as np
 
 from pipelines.common import parser, run_main, write_json
 from pipelines.train import AFFECTED
+from pipelines.results import AuditResult
 from segpipe.audit import MemberProbs, ensemble_oof, image_miou, pseudo_label, rank_images, worst_grid
 from segpipe.config import AuditParams, DataParams, parse_section, read_params
 from segpipe.datasets import load_index, read_image, read_mask
 
 SIZE = 256      # every OOF figure of the infer stage is measured at the submission resolution; so is this one
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    rows: list[dict]            # every OOF image, worst first: file_name, miou, rank, pixel_accuracy, ...
-    affected: list[str]         # the images the next round drops or relabels
-    action: str
-    out_dir: Path
 
 
 def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Path, out_dir: Path) -> AuditResult:

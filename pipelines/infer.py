@@ -8,7 +8,6 @@ import functools
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from pipelines.common import parser, run_main, write_json
+from pipelines.results import InferResult
 from segpipe.config import DataParams, InferParams, parse_section, read_params
 from segpipe.datasets import Sample, decode_all, load_index, read_mask
 from segpipe.engine import autocast_dtype, pick_device
@@ -26,15 +26,6 @@ from segpipe.tta import SlidingWindow, predict_levels
 
 OUT_SIZE = 256   # the submission resolution (DESIGN.md); every OOF score is measured there too
 CHUNK = 16
-
-
-@dataclass(frozen=True)
-class InferResult:
-    oof_miou: float
-    member_oof_miou: dict[str, float]
-    n_test: int
-    weights: dict[str, float]
-    out_dir: Path
 
 
 def tta_steps(params: InferParams) -> list[tuple[str, tuple[str, ...], tuple[float, ...]]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -16,16 +15,10 @@ import numpy as np
 
 from pipelines.common import parser, run_main, write_json
 from pipelines.fetch import data_version
+from pipelines.results import PseudoResult
 from segpipe.config import DataParams, PseudoParams, parse_section, read_params
 from segpipe.ensemble import sha256_file
 from segpipe.pseudo import class_thresholds, make_pseudo_labels, unknown_index
-
-
-@dataclass(frozen=True)
-class PseudoResult:
-    n_kept: int
-    n_test: int
-    out_dir: Path
 
 
 def run(data: DataParams, params: PseudoParams, validate_dir: Path, infer_dir: Path, out_dir: Path,

@@ -13,33 +13,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from pipelines.results import ValidateResult
 from segpipe.coco import DataError, rasterize
 from segpipe.config import DEFAULT_PARAMS, DataParams, ParamsError, ValidateParams, load_params
 from segpipe.eda import run_eda
 from segpipe.parallel import worker_pool
 from segpipe.validation import ValidationResult, gx_summary, validate_dataset
-
-
-@dataclass
-class ValidateResult:
-    out_dir: Path
-    n_train: int
-    n_test: int
-    n_annotations: int
-    metrics: dict
-    class_weights: dict
-    warnings: list[str]
-    seconds: dict[str, float]       # validate (its parts as validate/<phase>), rasterise, eda
-    class_stats: list[dict]         # per class: pixel share, annotations, images, size buckets, loss weight
-    split_counts: dict[str, int]    # images per split file
-    gx_summary: list[dict]          # per expectation: suite, code, rows checked, failures
 
 
 _JOB: dict = {}   # set before forking the rasterisation pool; workers inherit it

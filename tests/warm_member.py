@@ -47,6 +47,11 @@ class Odd(Exception):
         super().__init__(f"{a}/{b}")
 
 
+def imported(name: str) -> bool:
+    """Whether `name` was imported by the time this forked call ran (the server imports what a request needs)."""
+    return name in sys.modules
+
+
 def answer(x: int, *, fail: str = "") -> dict:
     """What the warm-call tests call in a forked process."""
     import logging
