@@ -8,8 +8,8 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -217,9 +217,38 @@ class ResultCache(_ContentKeyed):
                 self.store.delete(k)
 
 
-def _timed_push(mirror: CheckpointMirror, key: str, local: Path, epoch: int) -> None:
-    with timed_as("s3", key):
-        mirror.push(local, epoch)
+class BackgroundPush:
+    """The mirror's push, in a thread of its own while the next epoch trains (a synchronous push stalled the loop,
+    and on a GPU machine the GPU, for the seconds of every upload). Each epoch's checkpoint folder is snapshotted by
+    hard links first (the loop replaces its files by rename, so the snapshot never changes under the upload); at
+    most one push is in flight, so a newer checkpoint waits for the one before it. A failed push fails the member
+    at the next checkpoint or at `wait()`, as a synchronous one did; the resume state in S3 trails by at most the
+    epoch being pushed."""
+
+    def __init__(self, mirror: CheckpointMirror, key: str):
+        self.mirror, self.key = mirror, key
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"push-{key}")
+        self.pending: Future | None = None
+
+    def __call__(self, last: Path, epoch: int) -> None:
+        self.wait("s3")                   # the loop waits here only when uploads are slower than epochs
+        snap = last.parent / ".push"
+        shutil.rmtree(snap, ignore_errors=True)
+        snap.mkdir()
+        for f in last.parent.glob("*.pt"):
+            os.link(f, snap / f.name)
+        self.pending = self.pool.submit(self._push, snap / last.name, epoch)
+
+    def _push(self, local: Path, epoch: int) -> None:
+        with timed_as("upload", self.key):      # beside the loop's work: not time the work waits
+            self.mirror.push(local, epoch)
+
+    def wait(self, kind: str = "s3") -> None:
+        """Until the push in flight (if any) is done; raises its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            with timed_as(kind, self.key):
+                pending.result()
 
 
 def write_dvclive(history: list[dict], out: Path) -> None:
@@ -347,7 +376,7 @@ def run(
             mirror.restore(resume_dir / "last.pt")
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
           f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)", flush=True)
-    push = partial(_timed_push, mirror, key) if mirror else None
+    push = BackgroundPush(mirror, key) if mirror else None
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
                          data.ignore_index, resume_dir, resolved, on_checkpoint=push, desc=key)
 
@@ -375,6 +404,8 @@ def run(
         write_curve(result.history, Path(curve))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    if push is not None:
+        push.wait()             # the last epoch's push, which ran beside the OOF pass, before its state goes
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
     with timed_as("s3", key):
         if cache is not None:
