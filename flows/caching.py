@@ -34,7 +34,6 @@ from flows import warm
 from flows.tasks import retry_unless_oom
 from pipelines.common import record_timing, timed_call
 from pipelines.contentkey import StageKeys
-from pipelines.membercache import claim_deferred
 from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, digest_dir, sha256_file
 
 RESULTS_PREFIX = "prefect-results"
@@ -100,7 +99,6 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
         store = ArtifactStore(S3Config.from_env())
         files = {}
         store.upload_dir(out_dir, prefix, digests=files)  # conditional writes: never over another run's keys
-        claim_deferred(store, out_dir, prefix)
         record_timing("upload", label, t1, time.time())
         log.info("%s: %d files stored under %s", label, len(files), store.url(prefix))
     return StageOutput(label, key, run, str(out_dir), prefix, dict(sorted(files.items())), result, round(t1 - t0, 3))
@@ -110,8 +108,7 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
       retry_delay_seconds=[5, 30])
 def store_stage(label: str, local: str, prefix: str, files: dict[str, str]) -> int:
     """Upload a finished stage's files (its manifest: relative path -> sha256) to its S3 prefix; returns how many.
-    Conditional writes: a retry, or a second run storing the same content, is a no-op; never over other content.
-    A training member's folder, once stored, is claimed as that member's result (pipelines.membercache)."""
+    Conditional writes: a retry, or a second run storing the same content, is a no-op; never over other content."""
     t0 = time.time()
     on_disk = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
     if on_disk != files.keys():
@@ -120,8 +117,6 @@ def store_stage(label: str, local: str, prefix: str, files: dict[str, str]) -> i
                            "stage's folder must not change once it has finished: see what else writes there")
     store = ArtifactStore(S3Config.from_env())
     store.upload_dir(Path(local), prefix, digests=dict(files))
-    if claim_deferred(store, Path(local), prefix):      # a training member's: now its stored result too
-        get_run_logger().info("%s: stored as the member's result for later runs", label)
     record_timing("upload", label, t0, time.time())
     get_run_logger().info("%s: %d files stored under %s", label, len(files), store.url(prefix))
     return len(files)

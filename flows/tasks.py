@@ -14,7 +14,7 @@ import pipelines.ablation
 import pipelines.fetch
 import pipelines.submit
 from flows import runners, warm
-from pipelines.common import CHECKPOINT_ENV, RESULT_DEFER_ENV, RESULT_ENV
+from pipelines.common import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
 from segpipe.storage import ArtifactStore, S3Config
 
@@ -142,9 +142,8 @@ def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_fi
                 log.info(line)
 
         # every epoch's checkpoint is mirrored to S3: a task whose machine is lost resumes on another one
-        # and a member already trained on the same data, params and code is fetched, not trained again; its
-        # stored result is the run's copy of its folder, which the stage's store claims (flows.caching)
-        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints", RESULT_ENV: "results", RESULT_DEFER_ENV: "1"}
+        # and a member already trained on the same data, params and code is fetched, not trained again
+        env = {**os.environ, **held.env, CHECKPOINT_ENV: "checkpoints", RESULT_ENV: "results"}
         code = run_member(module, args, env, on_line, fanout.warm_start)
         if code != 0:
             if any("TrainingOOM" in line for line in tail):

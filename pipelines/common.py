@@ -21,10 +21,6 @@ from segpipe.config import DEFAULT_PARAMS
 # flow sets them): here, so the flow names them without importing torch
 CHECKPOINT_ENV = "SEGPIPE_CHECKPOINT_PREFIX"
 RESULT_ENV = "SEGPIPE_RESULT_PREFIX"
-# set too: the member leaves its stored result to the flow, which uploads the member's folder once, for its run,
-# while the next stages run, claims that copy as the stored result and clears the checkpoint mirror
-# (pipelines.membercache.claim_deferred)
-RESULT_DEFER_ENV = "SEGPIPE_RESULT_DEFER"
 
 
 def parser(description: str) -> argparse.ArgumentParser:

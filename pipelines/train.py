@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -14,19 +16,20 @@ import numpy as np
 import torch
 import yaml
 
-from pipelines.common import CHECKPOINT_ENV, RESULT_DEFER_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
-from pipelines.membercache import CheckpointMirror, ResultCache, defer_claim
+from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
+from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError,
+                             sha256_file)
 
+
+log = logging.getLogger("pipelines.train")
 
 # CHECKPOINT_ENV set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3
-# store; RESULT_ENV (e.g. `results`): finished members are stored under a content key and reused; RESULT_DEFER_ENV:
-# the flow stores the finished folder and claims it (pipelines.membercache)
-
+# store; RESULT_ENV (e.g. `results`): finished members are stored under a content key and reused
 # the code that decides trained weights: part of the content key, so a code change retrains
 CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
               "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")
@@ -38,6 +41,10 @@ def code_version() -> str:
     for rel in CODE_FILES:
         h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
+
+
+def content_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,132 @@ def resolved_config(params: TrainParams, model: str, seed: int, fold: int, class
             "classes": classes, "num_classes": len(classes), "input_size": params.input_size,
             "amp": params.amp, "channels_last": params.channels_last, "train": train, "loop": asdict(cfg), "class_weights": class_weights,
             "inputs": inputs, "code": code_version(), "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
+
+
+class _ContentKeyed:
+    """State in the S3 store under `<root>/<task>/<content digest>/`, the root named by the environment variable
+    `ENV` (set by the flow's train task; unset = off): any run with the same inputs finds it."""
+
+    ENV = ""
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        self.store, self.prefix = store, prefix.strip("/")
+
+    @classmethod
+    def from_env(cls, key: str, config: dict):
+        root = os.environ.get(cls.ENV)
+        if not root:
+            return None
+        return cls(ArtifactStore(S3Config.from_env()), f"{root}/{key}/{content_digest(config)}")
+
+
+class CheckpointMirror(_ContentKeyed):
+    """Mirror the checkpoint dir to the S3 store after every epoch, so a task that lost its machine resumes elsewhere.
+
+    Keys are content-addressed (`<prefix>/<task>/<config hash>/last-eNNNN.pt`): any later run with the same
+    data, params and code state finds them, whichever run wrote them. Only the newest epoch is kept. The kept
+    weights (best.pt, top-k files) go beside it under `state/` whenever they change: last.pt alone resumes the
+    loop, but a resumed run whose later epochs do not improve has no other copy of its best weights.
+    """
+
+    ENV = CHECKPOINT_ENV
+
+    def __init__(self, store: ArtifactStore, prefix: str):
+        super().__init__(store, prefix)
+        self._pushed: dict[str, str] = {}          # state file name -> sha256 last mirrored
+
+    def _keys(self) -> list[str]:
+        return [k for k in self.store.list(f"{self.prefix}/") if k.rsplit("/", 1)[-1].startswith("last-e")]
+
+    def restore(self, local: Path) -> int | None:
+        """Fetch the newest mirrored last.pt (and the kept weights) into `local`'s dir when there is no local
+        last.pt; its epoch, or None."""
+        if local.exists():
+            return None
+        for key in reversed(self._keys()):
+            try:
+                self.store.get_file(key, local)
+                for skey in self.store.list(f"{self.prefix}/state/"):
+                    name = skey.rsplit("/", 1)[-1]
+                    self.store.get_file(skey, local.parent / name)
+                    self._pushed[name] = sha256_file(local.parent / name)
+            except CorruptArtifactError as e:       # checksum mismatch: never resume from damaged state
+                log.warning("%s; discarding it", e)
+                local.unlink(missing_ok=True)
+                self.store.delete(key)
+                continue
+            epoch = int(key.rsplit("-e", 1)[1].split(".")[0])
+            log.info("restored %s (epoch %d) from %s", local, epoch, self.store.url(key))
+            return epoch
+        return None
+
+    def push(self, local: Path, epoch: int) -> None:
+        for f in sorted(local.parent.glob("*.pt")):    # the kept weights first: last.pt is what a resume trusts
+            if f.name == local.name:
+                continue
+            digest = sha256_file(f)
+            if self._pushed.get(f.name) != digest:
+                self.store.put_file(f, f"{self.prefix}/state/{f.name}", overwrite=True)
+                self._pushed[f.name] = digest
+        for skey in self.store.list(f"{self.prefix}/state/"):    # top-k files the loop has since dropped
+            if not (local.parent / skey.rsplit("/", 1)[-1]).exists():
+                self.store.delete(skey)
+                self._pushed.pop(skey.rsplit("/", 1)[-1], None)
+        key = f"{self.prefix}/last-e{epoch + 1:04d}.pt"
+        self.store.put_file(local, key, overwrite=True)
+        for old in self._keys():
+            if old != key:
+                self.store.delete(old)
+
+    def clear(self) -> None:
+        for key in self._keys() + self.store.list(f"{self.prefix}/state/"):
+            self.store.delete(key)
+
+
+class ResultCache(_ContentKeyed):
+    """Finished members stored under `<prefix>/<task>/<content digest>/`: data hashes, every train param and the
+    code version. A task whose digest is there is served from the store instead of training again."""
+
+    ENV = RESULT_ENV
+
+    def fetch(self, out_dir: Path) -> bool:
+        """Download a complete stored result into out_dir (atomically); False if there is none or it is damaged."""
+        keys = self.store.list(f"{self.prefix}/")
+        if f"{self.prefix}/DONE" not in keys:        # written last: a result without it is partial
+            return False
+        # DONE names the copy that was stored first (empty: an older result, files directly under the prefix)
+        copy = self.store.get_bytes(f"{self.prefix}/DONE").decode().strip()
+        tmp = out_dir.with_name(f".{out_dir.name}.fetch")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.store.download_dir(f"{self.prefix}/{copy}" if copy else self.prefix, tmp)
+        except CorruptArtifactError as e:
+            log.warning("%s; training again", e)
+            for k in keys:
+                self.store.delete(k)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        except StorageError as e:                   # DONE names a copy that is gone: drop the marker, train again
+            log.warning("%s; training again", e)
+            self.store.delete(f"{self.prefix}/DONE")
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        (tmp / "DONE").unlink(missing_ok=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return True
+
+    def store_result(self, out_dir: Path) -> None:
+        """Upload under a copy of its own, then claim DONE with a conditional write: two runs that trained the
+        same member at once never mix their files; the first to finish is the stored result."""
+        copy = uuid.uuid4().hex[:12]
+        self.store.upload_dir(out_dir, f"{self.prefix}/{copy}")
+        try:
+            self.store.put_bytes(copy.encode(), f"{self.prefix}/DONE")
+        except ArtifactExistsError:
+            log.info("%s: another run stored this result first; keeping its copy", self.store.url(self.prefix))
+            for k in self.store.list(f"{self.prefix}/{copy}/"):
+                self.store.delete(k)
 
 
 class BackgroundPush:
@@ -275,13 +408,10 @@ def run(
         push.wait()             # the last epoch's push, which ran beside the OOF pass, before its state goes
     shutil.rmtree(resume_dir, ignore_errors=True)   # finished: the resume state is no longer needed
     with timed_as("s3", key):
-        if cache is not None and os.environ.get(RESULT_DEFER_ENV):
-            defer_claim(out_dir, cache, mirror)   # the flow stores the folder for its run, claims it, clears the mirror
-        else:
-            if cache is not None:
-                cache.store_result(out_dir)
-            if mirror is not None:
-                mirror.clear()
+        if cache is not None:
+            cache.store_result(out_dir)
+        if mirror is not None:
+            mirror.clear()
     where = "SWA average" if result.best_source == "swa" else f"epoch {result.best_epoch + 1}"
     print(f"train {key}: best val mIoU {result.best_miou:.4f} ({where}) -> {out_dir}", flush=True)
     return TrainResult(key, result.best_miou, out_dir)

@@ -90,10 +90,6 @@ def test_second_night_reuses_every_unchanged_stage(tmp_path, s3_env, monkeypatch
             assert want and set(store.list(f"{prefix}/")) == want, r["label"]
         assert first["stored_files"] == sum(len(store.list(f"runs/{first['run']}/{d}/"))
                                             for d in ("validate", "split", "train", "infer", "audit", "ablation"))
-        # each member's stored result (results/) is the run's copy of its folder, claimed once the store task put it
-        claims = {store.get_bytes(k).decode() for k in store.list("results/") if k.endswith("/DONE")}
-        assert {f"runs/{first['run']}/train/fpn_mbv2-s0-f{f}" for f in (0, 1)} <= claims, claims
-        assert not list((run_dir / "train").glob(".*.result-claim"))
         # a night that ended while storing: one stored file lost; the next night reusing the stage stores it again
         lost = f"runs/{first['run']}/split/folds.json"
         store.delete(lost)
@@ -149,38 +145,3 @@ def test_two_runs_storing_one_member_never_mix_their_files(tmp_path, s3_env):
     assert (fetched / "best.pt").read_text() == "weights of nightly"
     assert json.loads((fetched / "metrics.json").read_text())["run"] == "nightly"
     assert sorted(p.name for p in fetched.iterdir()) == ["best.pt", "metrics.json"]
-
-
-@pytest.mark.services
-def test_a_member_stored_by_its_flow_run_is_claimed_then_fetched(tmp_path, s3_env):
-    """Under the flow a member leaves its stored result to the run: the run's copy of the folder is claimed (the
-    first run to claim wins), the checkpoint mirror is cleared, and a later member with the same digest fetches it."""
-    from pipelines.membercache import CheckpointMirror, ResultCache, claim_deferred, claim_file, defer_claim
-
-    store = ArtifactStore(s3_env)
-    prefix, mirror_prefix = f"results-claim-{tmp_path.name}/m-s0-f0/abc", f"ckpt-claim-{tmp_path.name}/m-s0-f0/abc"
-    store.put_bytes(b"epoch 3", f"{mirror_prefix}/last-e0003.pt")
-    stored, runs = [], f"runs-{tmp_path.name}"
-    for run in ("nightly", "manual"):
-        out = tmp_path / run / "train" / "m-s0-f0"
-        out.mkdir(parents=True)
-        (out / "best.pt").write_text(f"weights of {run}")
-        defer_claim(out, ResultCache(store, prefix), CheckpointMirror(store, mirror_prefix))
-        assert claim_file(out).is_file() and not claim_file(out).is_relative_to(out)
-        before = store.list(f"{prefix}/")
-        assert store.list(f"{prefix}/") == before                   # nothing stored by the member itself
-        store.upload_dir(out, f"{runs}/{run}/train/m-s0-f0")
-        stored.append(claim_deferred(store, out, f"{runs}/{run}/train/m-s0-f0"))
-        assert not claim_file(out).exists()
-        assert not claim_deferred(store, out, f"{runs}/{run}/train/m-s0-f0")   # nothing left to claim
-    assert stored == [True, False]                                  # the manual run found the nightly's claim
-    assert store.list(f"{prefix}/") == [f"{prefix}/DONE"]           # a pointer, no second copy of the files
-    assert store.list(f"{mirror_prefix}/") == []
-    fetched = tmp_path / "later" / "m-s0-f0"
-    assert ResultCache(store, prefix).fetch(fetched)
-    assert (fetched / "best.pt").read_text() == "weights of nightly"
-    # the claimed folder gone (a run's files deleted): the marker is dropped and the member trains again
-    for k in store.list(f"{runs}/nightly/train/m-s0-f0/"):
-        store.delete(k)
-    assert not ResultCache(store, prefix).fetch(tmp_path / "again" / "m-s0-f0")
-    assert store.list(f"{prefix}/") == []
