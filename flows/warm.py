@@ -383,9 +383,9 @@ def _finish(code: int) -> None:
             _EARLY_ANSWER.sendall(_CODE.pack(code))
         except OSError:
             pass
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    # as the interpreter ends: threading's exit hooks first (a ThreadPoolExecutor's idle workers stop only when its
+    # hook tells them to: joined before it, a member with a pool still open never exited), then its threads
+    threading._shutdown()
     atexit._run_exitfuncs()
     _flush()
     os._exit(code)

@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,17 @@ def test_member_ends_like_an_interpreter():
     code, lines = member("finish")
     assert code == 0
     assert lines == ["thread done", "atexit ran"]
+
+
+def test_a_member_with_a_thread_pool_still_open_ends():
+    """Its idle workers stop when threading's exit hook says so: joining them first hung the member for good (a
+    training member whose checkpoint-push pool a reference cycle kept alive, after an S3 outage)."""
+    out: dict = {}
+    waiter = threading.Thread(target=lambda: out.update(result=member("pool")), daemon=True)
+    waiter.start()
+    waiter.join(60)
+    assert not waiter.is_alive(), "the member did not exit within 60 s of its work"
+    assert out["result"] == (0, ["pool used"])
 
 
 def test_a_process_left_behind_does_not_hold_the_caller():

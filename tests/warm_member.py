@@ -27,6 +27,11 @@ def main(what: str, *rest: str) -> None:
     elif what == "finish":      # a normal interpreter end: threads joined, then atexit handlers
         atexit.register(lambda: print("atexit ran", flush=True))
         threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+    elif what == "pool":        # a thread pool still open at the end (kept alive, as a reference cycle may keep it)
+        from concurrent.futures import ThreadPoolExecutor
+        global POOL
+        POOL = ThreadPoolExecutor(1)
+        POOL.submit(print, "pool used", flush=True).result()
     elif what == "orphan":      # leaves a process holding its stdout, as a data loader's worker may
         import subprocess
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
