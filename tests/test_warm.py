@@ -95,7 +95,7 @@ def test_member_ends_like_an_interpreter():
 
 def test_a_member_with_a_thread_pool_still_open_ends():
     """Its idle workers stop when threading's exit hook says so: joining them first hung the member for good (a
-    training member whose checkpoint-push pool a reference cycle kept alive, after an S3 outage)."""
+    training member whose checkpoint-push pool was still referenced at its end, after an S3 outage)."""
     out: dict = {}
     waiter = threading.Thread(target=lambda: out.update(result=member("pool")), daemon=True)
     waiter.start()
