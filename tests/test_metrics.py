@@ -39,7 +39,7 @@ def test_streaming_miou_is_set_level_not_mean_of_images():
     # the mean of per-image mIoUs (image A (1/2 + 2/3 + 1)/3, image B 1/2) is a different, wrong number
     per_image = np.mean([miou(confusion_matrix(t, p, 4, IGNORE)) for t, p in zip(TRUTH, PRED)])
     assert per_image == pytest.approx(((1 / 2 + 2 / 3 + 1) / 3 + 1 / 2) / 2)
-    assert abs(per_image - metric.value) > 0.05
+    assert abs(per_image - metric.value) > 0.02            # 0.6111 vs 0.5889
     assert metric.per_class(["a", "b", "c", "d"]) == pytest.approx({"a": 0.5, "b": 0.6, "c": 2 / 3, "d": None})
 
 
