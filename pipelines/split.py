@@ -1,4 +1,5 @@
-"""Stage `split`: multilabel-stratified, grouped K folds over the validated training images."""
+"""Stage `split`: multilabel-stratified K folds over the validated training images, grouped by batch folder when
+there are enough folders (split.group_by)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import yaml
 
 from pipelines.common import parser, run_main, write_json
 from segpipe.config import SplitParams, load_params
-from segpipe.folds import fold_class_shares, stratified_group_kfold
+from segpipe.folds import fold_class_counts, fold_class_shares, plan_folds
 from segpipe.profiles import balanced_subset, check_dvc_matrix, class_coverage
 
 
@@ -38,25 +39,31 @@ def run(params: SplitParams, validate_dir: Path, out_dir: Path) -> SplitResult:
                                                                         len(classes))))}
     write_json(out_dir / "subset.json", subset)
     train = [train[i] for i in keep]
-    groups = [r["batch"] if params.group_by == "batch" else r["file_name"] for r in train]
     present = [tuple(r["classes"]) for r in train]
-    assignment = stratified_group_kfold(present, groups, params.n_folds, len(classes), params.seed)
+    plan = plan_folds(present, [r["batch"] for r in train], params.n_folds, len(classes), params.seed,
+                      params.group_by)
+    assignment = plan.assignment
     shares = fold_class_shares(assignment, present, params.n_folds, len(classes))
+    counts = fold_class_counts(assignment, present, params.n_folds, len(classes))
     sizes = [assignment.count(f) for f in range(params.n_folds)]
     folds = {r["file_name"]: f for r, f in zip(train, assignment)}
-    write_json(out_dir / "folds.json", {"n_folds": params.n_folds, "seed": params.seed,
-                                        "group_by": params.group_by, "folds": folds})
+    write_json(out_dir / "folds.json", {"n_folds": params.n_folds, "seed": params.seed, "group_by": params.group_by,
+                                        "grouped_by": plan.grouped_by, "reason": plan.reason, "folds": folds})
     lines = ["| fold | images | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
     for f in range(params.n_folds):
-        lines.append(f"| {f} | {sizes[f]} | " + " | ".join(f"{s:.0%}" for s in shares[f]) + " |")
-    (out_dir / "report.md").write_text("# Fold split\n\nShare of each fold's images containing each class.\n\n"
-                                       + "\n".join(lines) + "\n")
+        lines.append(f"| {f} | {sizes[f]} | " + " | ".join(f"{n} ({s:.0%})" for n, s in zip(counts[f], shares[f]))
+                     + " |")
+    (out_dir / "report.md").write_text(
+        f"# Fold split\n\nGrouped by {plan.grouped_by}: {plan.reason} (split.group_by={params.group_by}).\n\n"
+        "Images of each fold containing each class (share of the fold's images).\n\n" + "\n".join(lines) + "\n")
     write_json(out_dir / "metrics.json", {"fold_sizes": sizes, "n_images": len(folds),
-                                          "max_class_share_gap": float((shares.max(0) - shares.min(0)).max())})
+                                          "max_class_share_gap": float((shares.max(0) - shares.min(0)).max()),
+                                          "max_class_count_gap": int((counts.max(0) - counts.min(0)).max())})
     if params.subset:
         print(f"split: class-balanced subset of {len(keep)}/{subset['of']} images <split.subset={params.subset}>; "
               f"images per class {subset['images_with_class']}")
-    print(f"split: {len(folds)} images into {params.n_folds} folds of {sizes} (group_by={params.group_by})")
+    print(f"split: {len(folds)} images into {params.n_folds} folds of {sizes}, grouped by {plan.grouped_by}: "
+          f"{plan.reason} <split.group_by={params.group_by}>")
     return SplitResult(folds, sizes)
 
 

@@ -56,7 +56,9 @@ class ValidateParams(Section):
 class SplitParams(Section):
     n_folds: int = Field(ge=2)
     seed: int = 0
-    group_by: Literal["none", "batch"] = "batch"  # keep a batch folder in one fold (near-duplicates)
+    # auto: keep each batch folder in one fold (near-duplicates) only when there are >= n_folds folders and the
+    # grouped folds stay balanced, else per image; batch: always group (fails with too few folders); none: per image
+    group_by: Literal["auto", "batch", "none"] = "auto"
     subset: int = Field(ge=0, default=0)   # > 0: only this many training images, picked by rare-class coverage
 
 
