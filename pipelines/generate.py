@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import shutil
 import time
 from pathlib import Path
 
+from pipelines.common import setup_logging
 from segpipe.config import DEFAULT_PARAMS, DataParams, GenerateParams, load_params
-from segpipe.synth import SynthSummary, generate
+from segpipe.synth import SHAPES, SynthSummary, generate, shape_settings
+
+log = logging.getLogger(__name__)
+
+
+def settings(params: GenerateParams) -> dict:
+    """The generator's keyword arguments: params.shape's numbers, with the keys params.yaml gives replacing them."""
+    given = {k: v for k, v in params.model_dump().items() if k not in ("shape", "seed") and v is not None}
+    if params.shape != "demo" and given:   # never silent: a shape's numbers replaced by keys left in the section
+        log.warning("generate.shape=%s: %s given replace the shape's %s", params.shape, given,
+                    {k: SHAPES[params.shape][k] for k in given})
+    return shape_settings(params.shape, **given)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -31,27 +45,27 @@ def run(params: GenerateParams, data: DataParams) -> SynthSummary:
         shutil.rmtree(p, ignore_errors=True)
         p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        summary = generate(tmp_root, tmp_hidden, n_train=params.n_train, n_test=params.n_test,
-                           image_size=params.image_size, n_batches=params.n_batches,
-                           val_fraction=params.val_fraction, seed=params.seed, classes=data.classes,
-                           objects_per_image=params.objects_per_image)
+        summary = generate(tmp_root, tmp_hidden, seed=params.seed, classes=data.classes, **settings(params))
         _swap_in(tmp_root, root)
         _swap_in(tmp_hidden, hidden)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
         shutil.rmtree(tmp_hidden, ignore_errors=True)
-    return SynthSummary(root, hidden, summary.n_train, summary.n_val, summary.n_test, summary.n_annotations,
-                        summary.annotations_per_class)
+    return dataclasses.replace(summary, out_dir=root, hidden_dir=hidden)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     args = parser.parse_args()
+    setup_logging()
     t0 = time.perf_counter()
-    s = run(load_params("generate", GenerateParams, args.params), load_params("data", DataParams, args.params))
-    print(f"generate: {s.n_train} train ({s.n_val} val) + {s.n_test} test images, {s.n_annotations} annotations "
-          f"-> {s.out_dir}, test labels -> {s.hidden_dir} in {time.perf_counter() - t0:.1f}s")
+    params = load_params("generate", GenerateParams, args.params)
+    s = run(params, load_params("data", DataParams, args.params))
+    print(f"generate ({params.shape}): {s.n_train} train_all ({s.n_train - s.n_val} train / {s.n_val} val) + "
+          f"{s.n_test} test photos of {s.image_size} px in {', '.join(s.folders)}, {s.n_annotations} annotations "
+          f"({s.n_annotations / max(s.n_train, 1):.2f} per photo) -> {s.out_dir}, test labels -> {s.hidden_dir} "
+          f"in {time.perf_counter() - t0:.1f}s")
     print("  annotations per class: " + ", ".join(f"{k} {v}" for k, v in s.annotations_per_class.items()))
 
 

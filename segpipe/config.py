@@ -37,13 +37,17 @@ class DataParams(Section):
 
 
 class GenerateParams(Section):
-    n_train: int = Field(gt=0)     # images in train_all.json
-    n_test: int = Field(gt=0)      # images in test.json (labels go to the leaderboard only)
-    image_size: int = Field(ge=32)
-    n_batches: int = Field(ge=1)   # batch_XX folders; folds group by them
-    val_fraction: float = Field(gt=0, lt=1)
+    # demo | competition: the generator's numbers and folder layout (segpipe.synth.SHAPES, a dep of the stage);
+    # each key below left out (None) takes the shape's value, a key given overrides it
+    shape: Literal["demo", "competition"] = "demo"
+    n_train: int | None = Field(default=None, gt=0)     # images in train_all.json
+    n_test: int | None = Field(default=None, gt=0)      # images in test.json (labels go to the leaderboard only)
+    image_size: int | None = Field(default=None, ge=32)
+    n_batches: int | None = Field(default=None, ge=1)   # batch folders (the competition shape has its three)
+    val_fraction: float | None = Field(default=None, gt=0, lt=1)   # train.json / val.json split of train_all.json
     seed: int = 0
-    objects_per_image: float = Field(gt=0, default=4.6)   # mean objects per photo; the competition's is ~7.9
+    objects_per_image: float | None = Field(default=None, gt=0)    # mean objects per photo; the competition's ~7.9
+    unknown_fraction: float | None = Field(default=None, ge=0, lt=1)   # annotations labelled UNKNOWN (> 0 adds it)
 
 
 class ValidateParams(Section):

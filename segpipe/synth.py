@@ -4,6 +4,10 @@ Each class has its own shape family and colour/texture distribution (with overla
 classes), objects of widely varied size overlap on a cluttered background, and class frequencies follow the
 real trash data. Objects are painted in ascending class order, so the pixels on top are the ones the `max`
 overlap rule labels; labels are rasterised from the very polygons written to the JSON.
+
+Two shapes (`generate.shape`, SHAPES below): `demo`, small photos in train folders and a test folder of its own for
+the CPU demo, and `competition`, the real data's: 512 px photos, train and test photos sharing the three batch
+folders, the real split sizes and object density, and an `UNKNOWN` category on a few annotations.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -48,6 +53,22 @@ OBJECT_COUNTS = np.arange(1, 9)
 OBJECT_COUNT_P = np.array([6, 10, 12, 13, 13, 12, 10, 8]) / 84.0
 BASE_OBJECTS_PER_IMAGE = float(OBJECT_COUNTS @ OBJECT_COUNT_P)
 
+# The competition's folders: train and test photos live in the same ones (a folder is no train/test boundary).
+COMPETITION_FOLDERS = ("batch_01_vt", "batch_02_vt", "batch_03")
+# The edition of the data that carries UNKNOWN lists it first, with id 0 (the classes keep ids 1..10): code that
+# takes category id 0 for the background meets it here.
+UNKNOWN_CATEGORY = {"id": 0, "name": "UNKNOWN", "supercategory": "UNKNOWN"}
+# generate.shape -> the generator's numbers; a key set in params.yaml's `generate` section overrides its value.
+SHAPES: dict[str, dict[str, float]] = {
+    # the CPU demo: the whole chain in minutes on 2 cores
+    "demo": {"n_train": 192, "n_test": 48, "image_size": 256, "n_batches": 4, "val_fraction": 0.2,
+             "objects_per_image": 4.6, "unknown_fraction": 0.0},
+    # the real data: train_all 3,272 (train 2,618 / val 654) + 819 test photos of 512 px in the three shared folders,
+    # ~26k annotations (7.9 per photo); the share of UNKNOWN annotations is an assumption (a few per hundred)
+    "competition": {"n_train": 3272, "n_test": 819, "image_size": 512, "n_batches": len(COMPETITION_FOLDERS),
+                    "val_fraction": 0.2, "objects_per_image": 7.9, "unknown_fraction": 0.01},
+}
+
 
 @dataclass(frozen=True)
 class SynthSummary:
@@ -57,7 +78,27 @@ class SynthSummary:
     n_val: int
     n_test: int
     n_annotations: int
-    annotations_per_class: dict[str, int]
+    annotations_per_class: dict[str, int]    # train_all; UNKNOWN too when the shape has it
+    folders: tuple[str, ...] = ()            # the image folders, in order (train and test share them or not)
+    image_size: int = 0
+
+
+def shape_settings(shape: str, **given) -> dict:
+    """The generator's keyword arguments for `shape`, with the values in `given` (None = the shape's) replacing its."""
+    if shape not in SHAPES:
+        raise ValueError(f"Wrong generate.shape `{shape}`, supported shapes: {sorted(SHAPES)}")
+    kw = {**SHAPES[shape], **{k: v for k, v in given.items() if v is not None}}
+    unknown = sorted(set(kw) - set(SHAPES[shape]))
+    if unknown:
+        raise ValueError(f"generate: unknown keys {unknown}; valid: {sorted(SHAPES[shape])}")
+    if shape == "competition":
+        if kw["n_batches"] != len(COMPETITION_FOLDERS):
+            raise ValueError(f"generate.n_batches={kw['n_batches']}: the competition shape has the real data's "
+                             f"{len(COMPETITION_FOLDERS)} folders {list(COMPETITION_FOLDERS)}; leave n_batches out")
+        kw["folders"] = COMPETITION_FOLDERS
+    kw["n_train"], kw["n_test"], kw["image_size"], kw["n_batches"] = (
+        int(kw["n_train"]), int(kw["n_test"]), int(kw["image_size"]), int(kw["n_batches"]))
+    return kw
 
 
 def _shape(kind: str, rng: np.random.Generator, cx: float, cy: float, r: float) -> list[np.ndarray]:
@@ -209,14 +250,48 @@ def _file_names(n: int, first_batch: int, per_batch: int) -> list[str]:
     return [f"batch_{first_batch + i // per_batch:02d}_vt/{i % per_batch + 1:04d}.jpg" for i in range(n)]
 
 
+def _shared_file_names(n_train: int, n_test: int, folders: Sequence[str], seed: int) -> dict[str, list[str]]:
+    """Train and test photos spread over the same folders and numbered together in each, as in the real data.
+
+    Each folder holds its share of the test photos (largest remainder), at positions drawn from the seed.
+    """
+    total = n_train + n_test
+    sizes = np.array([total * (j + 1) // len(folders) - total * j // len(folders) for j in range(len(folders))])
+    quota = sizes * n_test / max(total, 1)
+    n_test_in = np.floor(quota).astype(int)
+    for j in np.argsort(-(quota - n_test_in), kind="stable")[: n_test - int(n_test_in.sum())]:
+        n_test_in[j] += 1
+    rng = np.random.default_rng([seed, 5])
+    names: dict[str, list[str]] = {"train": [], "test": []}
+    for folder, size, t in zip(folders, sizes, n_test_in):
+        is_test = np.zeros(size, bool)
+        is_test[rng.permutation(size)[:t]] = True
+        for k in range(size):
+            names["test" if is_test[k] else "train"].append(f"{folder}/{k + 1:04d}.jpg")
+    return names
+
+
+def _mark_unknown(raw: list[list[dict]], fraction: float, rng: np.random.Generator) -> None:
+    """Relabel round(fraction x annotations) of them (at least one) UNKNOWN: objects whose class no one named."""
+    flat = [a for anns in raw for a in anns]
+    if fraction <= 0 or not flat:
+        return
+    for k in rng.permutation(len(flat))[: max(1, round(fraction * len(flat)))]:
+        flat[k]["category_id"] = UNKNOWN_CATEGORY["id"]
+
+
 def generate(
     out_dir: Path, hidden_dir: Path, *, n_train: int, n_test: int, image_size: int, n_batches: int,
     val_fraction: float, seed: int, classes: tuple[str, ...] | list[str], objects_per_image: float = 4.6,
-    workers: int | None = None,
+    unknown_fraction: float = 0.0, folders: Sequence[str] | None = None, workers: int | None = None,
 ) -> SynthSummary:
     """Write train_all/train/val/test.json + batch folders to out_dir and the test labels to hidden_dir.
 
     objects_per_image: mean objects drawn per photo (a few fall below 3 distinct pixels and are dropped).
+    folders: None = train photos in n_batches folders batch_01_vt.. and test photos in the next one (the demo);
+    else these folders, each holding train and test photos (the competition's).
+    unknown_fraction: > 0 adds the UNKNOWN category and relabels that share of each split's annotations (at least
+    one) with it; the hidden test labels take their pixels as background, the class the leaderboard scores them as.
     """
     if len(classes) != 11:
         raise ValueError(f"the synthetic dataset has 10 trash classes + background; got {len(classes)} classes")
@@ -224,8 +299,17 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     hidden_dir.mkdir(parents=True, exist_ok=True)
     categories = [{"id": i, "name": name, "supercategory": name} for i, name in enumerate(classes) if i > 0]
-    per_batch = math.ceil(n_train / n_batches)
-    names = {"train": _file_names(n_train, 1, per_batch), "test": _file_names(n_test, n_batches + 1, per_batch)}
+    if not 0 <= unknown_fraction < 1:
+        raise ValueError(f"generate.unknown_fraction must be in [0, 1), got {unknown_fraction}")
+    if unknown_fraction > 0:
+        categories = [dict(UNKNOWN_CATEGORY)] + categories
+    if folders:
+        names = _shared_file_names(n_train, n_test, folders, seed)
+        folder_list = tuple(folders)
+    else:
+        per_batch = math.ceil(n_train / n_batches)
+        names = {"train": _file_names(n_train, 1, per_batch), "test": _file_names(n_test, n_batches + 1, per_batch)}
+        folder_list = tuple(dict.fromkeys(n.split("/")[0] for n in names["train"] + names["test"]))
     if objects_per_image <= 0:
         raise ValueError(f"generate.objects_per_image must be > 0, got {objects_per_image}")
     jobs = [(seed, SPLIT_CODE[s], i, image_size, objects_per_image) for s in ("train", "test")
@@ -239,10 +323,12 @@ def generate(
     coco: dict[str, dict] = {}
     k = 0
     for split in ("train", "test"):
+        part = rendered[k:k + len(names[split])]
+        k += len(names[split])
+        # drawn here, after the photos: the rendering's random stream never depends on it
+        _mark_unknown([raw for _, raw in part], unknown_fraction, np.random.default_rng([seed, SPLIT_CODE[split], 11]))
         images, anns = [], []
-        for i, name in enumerate(names[split]):
-            jpg, raw = rendered[k]
-            k += 1
+        for i, (name, (jpg, raw)) in enumerate(zip(names[split], part)):
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (out_dir / name).write_bytes(jpg)
             images.append({"id": i, "file_name": name, "width": image_size, "height": image_size})
@@ -267,7 +353,7 @@ def generate(
     # Leaderboard-only: test labels at submission resolution (256, nearest) and the public/private split.
     test_coco = CocoFile(hidden_dir / "test_full.json", coco["test"]["images"], coco["test"]["annotations"],
                          categories)
-    cmap = {c["id"]: c["id"] for c in categories}
+    cmap = {c["id"]: 0 if c["name"] == UNKNOWN_CATEGORY["name"] else c["id"] for c in categories}
     labels = np.stack([
         cv2.resize(rasterize(test_coco, im["id"], cmap, "max"), (256, 256), interpolation=cv2.INTER_NEAREST)
         for im in coco["test"]["images"]
@@ -279,11 +365,12 @@ def generate(
                                             "classes": list(classes)})
     _write_json(hidden_dir / "test_full.json", coco["test"])  # the labelled test COCO, for audits only
 
-    per_class = {classes[c]: 0 for c in range(1, 11)}
+    name_of = {c["id"]: c["name"] for c in categories}
+    per_class = {c["name"]: 0 for c in categories}
     for a in train_all["annotations"]:
-        per_class[classes[a["category_id"]]] += 1
+        per_class[name_of[a["category_id"]]] += 1
     return SynthSummary(out_dir, hidden_dir, n_train, len(val_ids), n_test, len(train_all["annotations"]),
-                        per_class)
+                        per_class, folder_list, image_size)
 
 
 def _write_json(path: Path, obj: dict) -> None:
