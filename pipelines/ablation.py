@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines.common import parser, run_main, write_json
 from segpipe.config import AblationParams, DataParams, SubmitParams, parse_section, read_params
-from segpipe.leaderboard import LeaderboardClient, LeaderboardError
+from segpipe.leaderboard import SUBMITTED, LeaderboardClient, LeaderboardError, Submission
 from segpipe.submission import lint_submission, write_submission
 
 log = logging.getLogger("pipelines.ablation")
@@ -86,6 +86,7 @@ def run(params: AblationParams, submit: SubmitParams, data: DataParams, infer_ro
     else:
         why = ""
     client = LeaderboardClient(submit.base_url, submit.competition_id, key) if not why else None
+    sent: dict[str, Submission] = {}     # sha256 -> this run's submission of that file
     prev: dict | None = None
     for row in rows:
         row.update(public_miou=None, delta_oof=None, delta_public=None, pays=None, submission_id=None)
@@ -101,10 +102,15 @@ def run(params: AblationParams, submit: SubmitParams, data: DataParams, infer_ro
             try:
                 # the same file twice (e.g. one model: fold ensemble = multi-model ensemble) costs no slot
                 description = f"{params.description}: {row['name']}" + (f" [{run_name}]" if run_name else "")
-                sub = client.submit(csv, description, {"training": {}, "inference": {"ablation_step": row["step"]}})
+                sub = sent.get(row["sha256"]) or client.submit(
+                    csv, description, {"training": {}, "inference": {"ablation_step": row["step"]}})
                 if sub.status == "pending":
                     sub = client.wait_for_score(sub.id, timeout_s=submit.wait_seconds, poll_s=submit.poll_seconds)
-                row.update(public_miou=sub.public_score, submission_id=sub.id, status=sub.status)
+                sent[row["sha256"]] = sub        # a server without listing dedupes nothing: never send a file twice
+                status = sub.status
+                if status == SUBMITTED:          # no score API: the public score is read on the leaderboard's page
+                    status = f"submitted as #{sub.local_id}, score on the leaderboard's page"
+                row.update(public_miou=sub.public_score, submission_id=sub.id, status=status)
             except (LeaderboardError, TimeoutError) as e:     # the report still shows every OOF figure
                 log.warning("ablation row %s not scored: %s", row["step"], e)
                 row["status"] = f"error: {e}"

@@ -2,6 +2,10 @@
 
 Every submission is also recorded in the CV-vs-leaderboard history (`submission_history.json` beside the ledger):
 run, time, file sha256, submission id, description, OOF mIoU and public score. The `if_better` policy reads it.
+
+A leaderboard that speaks only the published protocol (no limits, listing or score API) is enough: the daily
+budget is then counted in the ledger (submit.daily_limit), and the run records the file as `submitted`, its score
+on the leaderboard's page, instead of waiting for one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +26,9 @@ import numpy as np
 
 from pipelines.common import write_json
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
-from segpipe.leaderboard import LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Submission
+from segpipe.leaderboard import (
+    SUBMITTED, LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Limits, Submission,
+)
 from segpipe.submission import lint_submission, write_submission
 
 if TYPE_CHECKING:
@@ -42,7 +49,7 @@ class SubmitResult:
     csv: str
     sha256: str
     mode: str
-    status: str                          # dry-run | pending | scored | failed
+    status: str                          # dry-run | pending | scored | failed | submitted (no score API)
     description: str
     submission_id: int | None = None
     local_id: int | None = None
@@ -52,11 +59,18 @@ class SubmitResult:
     error: str | None = None
     oof_miou: float | None = None        # this run's cross-validated mIoU, beside the public score
     reason: str = ""                     # why this run did or did not submit (policy, mode)
+    user: int | None = None              # the leaderboard's user number (with local_id: the object key)
+    score: str = ""                      # where the score is: "" when public_score has it
 
     def summary(self) -> str:
         if self.status == "dry-run":
             return (f"submit: dry run, not submitted: {self.reason} | {self.csv} linted OK "
                     f"(sha256 {self.sha256[:12]})")
+        if self.status == SUBMITTED:
+            oof = "n/a" if self.oof_miou is None else f"{self.oof_miou:.4f}"
+            again = ", already submitted" if self.reused else ""
+            return (f"submit: {self.score} (OOF {oof}) | submission #{self.local_id} of user {self.user}{again} "
+                    f"| {self.description!r}")
         score = "n/a" if self.public_score is None else f"{self.public_score:.4f}"
         oof = "n/a" if self.oof_miou is None else f"{self.oof_miou:.4f}"
         again = ", already submitted" if self.reused else ""
@@ -145,19 +159,50 @@ def may_submit(params: SubmitParams, deployment: str | None) -> bool:
 
 
 def preflight(params: SubmitParams, key: str | None, *, env: str = KEY_ENV) -> None:
-    """At start-up, before any work: the key is set and the leaderboard accepts it (a 401 or 404 raises).
+    """At start-up, before any work: the key is set and, where the leaderboard can say so, it accepts the key.
 
-    An unreachable leaderboard only warns: the run takes hours, and the submit stage retries then.
+    Never spends a slot: it asks the limits endpoint (a 401 raises). A leaderboard with only the published
+    protocol has no call that checks a key without taking a slot, so there the key is first used by the submit
+    stage (logged). An unreachable leaderboard only warns: the run takes hours, and the submit stage retries then.
     """
     if not key:
         raise SubmitFailed(f"{env} is not set and this run may submit (submit.policy / submit.manual_policy): "
                            "export the leaderboard key, put it in a Prefect Secret block, or set submit.mode: "
                            "dry-run")
+    client = LeaderboardClient(params.base_url, params.competition_id, key, retries=1, backoff_s=2.0)
     try:
-        LeaderboardClient(params.base_url, params.competition_id, key, retries=1, backoff_s=2.0).limits()
+        offered = client.offers_extras()
     except LeaderboardUnreachable as e:
         log.warning("leaderboard not reachable at start-up (%s); going on, the submit stage retries <submit.base_url>",
                     e)
+        return
+    if not offered:
+        log.info("%s key not checked at start-up: %s answers only the published protocol, where checking a key "
+                 "would spend a slot; the submit stage uses it <submit.base_url=%s>", env, params.base_url,
+                 params.base_url)
+
+
+def _utc(text: str) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def ledger_limits(params: SubmitParams, ledger: dict, now: datetime | None = None) -> Limits:
+    """Today's (UTC) budget counted in the ledger: slots this machine spent on this leaderboard since midnight."""
+    now = now or datetime.now(timezone.utc)
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    board = _board(params) + "|"
+    used = 0
+    for k, e in ledger.items():
+        if k.startswith(board):
+            times = e.get("slots", [e.get("submitted_at")])     # entries older than `slots` spent one, then
+            used += sum(1 for t in times if (u := _utc(t)) is not None and start <= u < start + timedelta(days=1))
+    return Limits(params.daily_limit, used, max(params.daily_limit - used, 0),
+                  (start + timedelta(days=1)).isoformat(timespec="seconds"),
+                  source=f"the ledger {params.ledger} <submit.daily_limit={params.daily_limit}>")
 
 
 def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_miou: float | None,
@@ -166,13 +211,22 @@ def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_
     entry = {
         "leaderboard": _board(params), "run": run, "deployment": deployment,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": sha256,
-        "submission_id": sub.id, "local_id": sub.local_id, "description": sub.description or params.description,
+        "submission_id": sub.id, "local_id": sub.local_id, "user": sub.user,
+        "description": sub.description or params.description,
         "oof_miou": _finite(oof_miou), "public_score": sub.public_score, "status": sub.status,
     }
 
+    def same(r: dict) -> bool:
+        if r.get("leaderboard") != entry["leaderboard"]:
+            return False
+        if sub.id is not None:
+            return r.get("submission_id") == sub.id
+        # the published protocol gives no id: the user and their local number name the submission
+        return r.get("submission_id") is None and (r.get("user"), r.get("local_id")) == (sub.user, sub.local_id)
+
     def change(records: list[dict]) -> list[dict]:
         for r in records:
-            if r.get("leaderboard") == entry["leaderboard"] and r.get("submission_id") == sub.id:
+            if same(r):
                 # the same submission seen again (ledger or server reuse): keep who made it, refresh the score
                 r.update(public_score=sub.public_score, status=sub.status)
                 if r.get("oof_miou") is None:
@@ -221,33 +275,53 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
     client = LeaderboardClient(params.base_url, params.competition_id, key)
     ledger_path = Path(params.ledger)
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
-    entry = None if force else ledger.get(_ledger_key(params, report.sha256))
+    lkey = _ledger_key(params, report.sha256)
+    entry = None if force else ledger.get(lkey)
     sub = None
-    if entry:
+    if entry and entry.get("submission_id") is not None and client.offers_extras():
         try:
             sub = client.submission(entry["submission_id"])
             log.info("ledger %s: this file is submission %s already; not resubmitting (pass --force to)",
                      ledger_path, sub.id)
         except LeaderboardError as e:       # e.g. the server's state was reset: the ledger entry is stale
             log.warning("ledger entry for submission %s is stale (%s); submitting again", entry["submission_id"], e)
+    elif entry:                             # no score API to ask: the ledger's word is all there is
+        sub = Submission(id=entry.get("submission_id"), local_id=entry["local_id"], user=entry.get("user"),
+                         status=SUBMITTED, description=entry.get("description", ""),
+                         submitted_at=entry.get("submitted_at"), content_sha256=report.sha256)
+        log.info("ledger %s: this file was submitted already as #%s (user %s); not resubmitting (pass --force to)",
+                 ledger_path, sub.local_id, sub.user)
     if sub is not None:
         reused = True
     else:
         sub = client.submit(csv, params.description, hyperparameters, force=force,
-                            allow_last_slot=params.allow_last_slot)
+                            allow_last_slot=params.allow_last_slot, fallback_limits=ledger_limits(params, ledger))
         reused = sub.existing
-        new = {"submission_id": sub.id, "local_id": sub.local_id, "description": params.description,
-               "submitted_at": sub.submitted_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _update_json(ledger_path, {}, lambda d: {**d, _ledger_key(params, report.sha256): new})
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        new = {"submission_id": sub.id, "local_id": sub.local_id, "user": sub.user, "description": params.description,
+               "submitted_at": sub.submitted_at or now}
+
+        def add(d: dict) -> dict:
+            # every slot this machine spent on this file, for submit.daily_limit's count (a --force resubmission
+            # replaces the entry, and must not hide the slot the earlier one took)
+            old = d.get(lkey, {})
+            slots = old.get("slots", [old["submitted_at"]] if old.get("submitted_at") else [])
+            return {**d, lkey: {**new, "slots": slots if reused else [*slots, now]}}
+        _update_json(ledger_path, {}, add)
     if sub.status == "pending":
         try:
             sub = client.wait_for_score(sub.id, timeout_s=params.wait_seconds, poll_s=params.poll_seconds)
         except TimeoutError as e:
             log.warning("%s <submit.wait_seconds=%s>", e, params.wait_seconds)
+    score = ""
+    if sub.status == SUBMITTED:
+        score = (f"submitted, score on the leaderboard's page ({params.base_url} offers no score API, so this run "
+                 f"does not wait for one)")
+        log.info("%s; object key %s", score, client.object_key(sub))
     history = record(params, sub, run=run_name, sha256=report.sha256, oof_miou=oof_miou, deployment=deployment)
     result = SubmitResult(
         status=sub.status, submission_id=sub.id, local_id=sub.local_id, public_score=sub.public_score,
-        public_per_class=sub.public_per_class, reused=reused, error=sub.error, **base)
+        public_per_class=sub.public_per_class, reused=reused, error=sub.error, user=sub.user, score=score, **base)
     write_json(out_dir / "result.json", asdict(result))
     write_json(out_dir / "history.json", history)
     write_cv_lb(history, params.cv_lb_margin, out_dir)

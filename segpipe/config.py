@@ -231,6 +231,9 @@ class SubmitParams(Section):
     wait_seconds: float = Field(ge=0, default=120)
     poll_seconds: float = Field(gt=0, default=2.0)   # score polling interval
     allow_last_slot: bool = False   # the nightly run never spends the day's last slot; keep it for a human
+    # slots per UTC day, counted in the ledger, used only when the leaderboard has no limits endpoint (the
+    # published protocol has none): a nightly run then still stops before the server refuses it
+    daily_limit: int = Field(ge=1, default=10)
     ledger: str = ".segpipe/submissions.json"   # sha256 -> submission; outside the stage's DVC-wiped out dir
     cv_lb_margin: float = Field(ge=0, default=0.05)   # warn when a submission's |public - OOF mIoU| exceeds it
     # (the CV-vs-leaderboard history, submission_history.json, lives beside it for the same reason)

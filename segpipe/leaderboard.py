@@ -1,5 +1,9 @@
 """Leaderboard client (AI Stages presigned-POST protocol, plain `requests`) and the `serve` entry point.
 
+Submitting needs only the two published calls (GET presigned_url, then the presigned S3 POST). The local
+server's extra endpoints (limits, listing, scores) are used when the server answers them, never required: the
+first call to one that answers 404 marks them as not offered for the rest of this client's life.
+
 The server lives in `segpipe.leaderboard_server`; it is imported only by `main(["serve", ...])`, so the client
 runs without FastAPI.
 """
@@ -23,6 +27,11 @@ import requests
 from segpipe.submission import sha256_file
 
 log = logging.getLogger("segpipe.leaderboard")
+
+# where the published protocol puts a submission; the public client builds it from the answer's `submission`
+OBJECT_KEY = "app/Competitions/{cid:06d}/Users/{user:08d}/Submissions/{local_id:04d}/output.csv"
+# the answer's `submission.status` for a file uploaded to a server with no score API: read the score on its page
+SUBMITTED = "submitted"
 
 
 class LeaderboardError(RuntimeError):
@@ -51,14 +60,15 @@ class Limits:
     used_today: int
     remaining: int
     resets_at: str | None = None
+    source: str = "the leaderboard"              # who counted: the server, or the local ledger (named in errors)
 
 
 @dataclass(frozen=True)
 class Submission:
-    id: int
+    id: int | None                               # None: the server gives none (the published protocol)
     local_id: int
     user: int
-    status: str                                  # pending | scored | failed
+    status: str                                  # pending | scored | failed | submitted (no score API to ask)
     description: str = ""
     hyperparameters: dict = field(default_factory=dict)
     public_score: float | None = None
@@ -72,8 +82,16 @@ class Submission:
 
     @classmethod
     def from_json(cls, d: dict, existing: bool = False) -> "Submission":
+        # the published answer carries only `user` and `local_id`: no id, no status
+        d = {"id": None, "status": "pending", **d}
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "existing"}
         return cls(**known, existing=existing)
+
+
+def bearer(key: str) -> str:
+    """The Authorization header value: a bare token gets `Bearer `; a key given as `Bearer ...` is sent as given."""
+    key = key.strip()
+    return key if key[:7].lower() == "bearer " else f"Bearer {key}"
 
 
 def _s3_error(resp: requests.Response) -> str:
@@ -99,6 +117,7 @@ class LeaderboardClient:
         self._key = key
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.session = session or requests.Session()
+        self._extras: bool | None = None         # limits/listing/scores offered? None: not asked yet
 
     def __repr__(self) -> str:
         return f"LeaderboardClient(base_url={self.base_url!r}, competition_id={self.competition_id}, key=***)"
@@ -111,7 +130,7 @@ class LeaderboardClient:
         """One call with retries on connection errors and 5xx (exponential backoff); 4xx are final."""
         headers = kw.pop("headers", {})
         if auth:
-            headers["Authorization"] = f"Bearer {self._key}"
+            headers["Authorization"] = bearer(self._key)
         for attempt in range(self.retries + 1):
             try:
                 if "files" in kw:                # a retried upload must resend the file from its start
@@ -165,14 +184,56 @@ class LeaderboardClient:
     def submission(self, submission_id: int) -> Submission:
         return Submission.from_json(self._json(self._request("GET", f"{self._api}/submissions/{submission_id}/")))
 
+    # ---- the extra endpoints, when the server has them
+    def _extra(self, path: str) -> Any | None:
+        """GET an extra endpoint's JSON, or None when the server does not offer them (remembered per client).
+
+        The first answer decides: a 404 (or 405/501, or a page that is not JSON) means "only the published
+        protocol here"; after a JSON answer the extras count as offered and a 404 is a real error again.
+        """
+        if self._extras is False:
+            return None
+        resp = self._request("GET", f"{self._api}/{path}")
+        if self._extras is None:
+            json_answer = "json" in resp.headers.get("content-type", "")
+            if resp.status_code in (404, 405, 501) or (resp.status_code < 400 and not json_answer):
+                self._extras = False
+                log.info("%s answers %s to %s: it offers only the published protocol (presigned_url + upload); "
+                         "no limits, listing or score API", self.base_url, resp.status_code, path)
+                return None
+        body = self._json(resp)
+        self._extras = True
+        return body
+
+    def offers_extras(self) -> bool:
+        """Whether the server answers the limits/listing/score endpoints (asks `limits/` once, spends nothing)."""
+        if self._extras is None:
+            self._extra("limits/")
+        return bool(self._extras)
+
+    def server_limits(self) -> Limits | None:
+        """The server's daily limits, or None when it offers no limits endpoint."""
+        d = self._extra("limits/")
+        return None if d is None else Limits(d["daily_limit"], d["used_today"], d["remaining"], d.get("resets_at"))
+
+    def object_key(self, sub: Submission) -> str:
+        return OBJECT_KEY.format(cid=self.competition_id, user=sub.user, local_id=sub.local_id)
+
     def submit(self, csv_path: Path | str, description: str, hyperparameters: dict, *, force: bool = False,
-               allow_last_slot: bool = False) -> Submission:
-        """Upload a submission file; the same file twice returns the first submission unless `force`."""
+               allow_last_slot: bool = False, fallback_limits: Limits | None = None) -> Submission:
+        """Upload a submission file; the same file twice returns the first submission unless `force`.
+
+        Needs only the published calls. With the server's listing, a file it already has costs no slot; with its
+        limits endpoint, the limit is checked before asking for a slot. A server without them: `fallback_limits`
+        (the caller's own count, e.g. the submit ledger) is checked instead, and the returned submission has
+        status `submitted` (no score API to poll; the score is on the leaderboard's page).
+        """
         csv_path = Path(csv_path)
         digest = sha256_file(csv_path)
         reserved = None
-        if not force:                            # the same file again costs no slot, even the last one
-            same = [s for s in self.submissions() if s.content_sha256 == digest]
+        listed = None if force else self._extra("submissions/")
+        if listed is not None:                   # the same file again costs no slot, even the last one
+            same = [s for s in map(Submission.from_json, listed) if s.content_sha256 == digest]
             done = [s for s in same if s.status != "pending"]
             if done:
                 log.info("leaderboard already has this file as submission %s (%s)", done[0].id, done[0].status)
@@ -182,35 +243,46 @@ class LeaderboardClient:
             # the same bytes to the same key is harmless, so upload rather than wait for a file that never comes
             reserved = same[0] if same else None
         if reserved is None:                     # a new slot: check the limit before asking for one
-            lim = self.limits()
-            if lim.remaining <= 0:
+            lim = self.server_limits() or fallback_limits
+            if lim is None:
+                log.info("no daily limit to check before asking for a slot: %s has no limits endpoint and no "
+                         "local count was given", self.base_url)
+            elif lim.remaining <= 0:
                 raise SubmissionRefused(
-                    f"daily limit used up ({lim.used_today}/{lim.daily_limit}); it resets at {lim.resets_at}")
-            if lim.remaining == 1 and not allow_last_slot:
+                    f"daily limit used up ({lim.used_today}/{lim.daily_limit}, counted by {lim.source}); it resets "
+                    f"at {lim.resets_at}")
+            elif lim.remaining == 1 and not allow_last_slot:
                 raise SubmissionRefused(
-                    f"only the last of {lim.daily_limit} daily slots is left; pass allow_last_slot=True "
-                    "(submit.allow_last_slot in params.yaml) to spend it")
+                    f"only the last of {lim.daily_limit} daily slots is left (counted by {lim.source}); pass "
+                    "allow_last_slot=True (submit.allow_last_slot in params.yaml) to spend it")
         else:
             log.info("submission %s holds this file's slot but is still pending; uploading the file (again)",
                      reserved.id)
-        params = {
-            "description": description,
-            "hyperparameters": json.dumps(hyperparameters, separators=(",", ":"), default=str),
-            "content_sha256": digest,
+        params = {"description": description,
+                  "hyperparameters": json.dumps(hyperparameters, separators=(",", ":"), default=str)}
+        if self._extras:                         # the local server's idempotency; the published call has neither
             # forcing a resubmission needs a new idempotency key, still fixed across this call's retries
-            "nonce": uuid.uuid4().hex if force else "",
-        }
+            params.update(content_sha256=digest, nonce=uuid.uuid4().hex if force else "")
         body = self._json(self._request("GET", f"{self._api}/presigned_url/", params=params))
+        if not isinstance(body, dict) or not isinstance(body.get("submission"), dict):
+            raise LeaderboardError(f"presigned_url answer from {self.base_url} has no `submission` object "
+                                   f"(keys: {sorted(body) if isinstance(body, dict) else type(body).__name__})")
         sub = Submission.from_json(body["submission"], existing=bool(body.get("existing")))
         if sub.status != "pending" or not body.get("url"):
             log.info("leaderboard already has this file as submission %s (%s)", sub.id, sub.status)
             return sub
+        # the public server leaves `key` out of the fields: the client builds it from the submission
+        fields = {"key": self.object_key(sub), **body.get("fields", {})}
         with open(csv_path, "rb") as fh:
             files = {"file": ("output.csv", fh, "text/csv")}
-            resp = self._request("POST", body["url"], auth=False, data=body["fields"], files=files)
+            resp = self._request("POST", body["url"], auth=False, data=fields, files=files)
         if resp.status_code not in (200, 201, 204):
-            raise UploadRejected(f"the store refused submission {sub.id}: {_s3_error(resp)}")
-        log.info("uploaded submission %s (local #%s, sha256 %s)", sub.id, sub.local_id, digest[:12])
+            raise UploadRejected(f"the store refused submission {sub.id or ''} (local #{sub.local_id}, key "
+                                 f"{fields['key']}): {_s3_error(resp)}")
+        log.info("uploaded submission %s (local #%s, key %s, sha256 %s)", sub.id, sub.local_id, fields["key"],
+                 digest[:12])
+        if not self._extras:                     # nothing to poll: the score shows on the leaderboard's page
+            sub = dataclasses.replace(sub, status=SUBMITTED, content_sha256=digest)
         return sub
 
     def wait_for_score(self, submission_id: int, timeout_s: float = 120.0, poll_s: float = 1.0) -> Submission:
@@ -243,6 +315,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--url-expiry-s", type=int, default=900)
     s.add_argument("--poll-s", type=float, default=1.0, help="how often the scorer looks for uploads")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--published-only", action="store_true",
+                   help="speak only the published protocol (presigned_url without `key` in the fields, then the "
+                        "upload); limits, listing, scores and reveal answer 404, as on a public leaderboard")
     return p.parse_args(argv)
 
 
@@ -271,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         labels_dir=args.labels, state_dir=args.state_dir, s3=S3Config.from_env(), user_keys=keys,
         admin_key=os.environ.get("SEGPIPE_LEADERBOARD_ADMIN_KEY") or None, competition_id=args.competition_id,
         bucket=args.bucket, daily_limit=args.daily_limit, key_limits=key_limits, max_upload_bytes=args.max_upload_bytes,
-        url_expiry_s=args.url_expiry_s, poll_s=args.poll_s,
+        url_expiry_s=args.url_expiry_s, poll_s=args.poll_s, published_only=args.published_only,
     )
     serve(settings, args.host, args.port, args.log_level)
 

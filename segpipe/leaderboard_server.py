@@ -2,6 +2,11 @@
 
 Start it with `python -m segpipe.leaderboard serve ...` (see `segpipe.leaderboard.main`). The client lives in
 `segpipe.leaderboard` and never imports this module, so it needs no FastAPI.
+
+`--published-only` (ServerSettings.published_only) makes it speak only the published protocol, as a public
+leaderboard may: presigned_url answers `url`, the five policy fields (no `key`) and `submission` {user,
+local_id}; the limits, listing, score and reveal endpoints answer 404. It still stores, scores and shows each
+upload on its page, and still refuses a slot past the daily limit (429).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from botocore.exceptions import ClientError
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
+from segpipe.leaderboard import OBJECT_KEY
 from segpipe.metrics import confusion_matrix, iou_per_class
 from segpipe.storage import S3Config
 from segpipe.submission import SubmissionError, read_submission, size_bounds
@@ -32,7 +38,6 @@ from segpipe.submission import SubmissionError, read_submission, size_bounds
 log = logging.getLogger("segpipe.leaderboard")
 
 DEFAULT_MAX_UPLOAD = 256 << 20    # used only while the hidden labels do not exist yet (no N to derive a bound)
-OBJECT_KEY = "app/Competitions/{cid:06d}/Users/{user:08d}/Submissions/{local_id:04d}/output.csv"
 
 
 class LabelsUnavailable(RuntimeError):
@@ -57,12 +62,16 @@ class ServerSettings:
     max_upload_bytes: int | None = None       # None: derived from the test set size (a valid file's max)
     url_expiry_s: int = 900
     poll_s: float = 1.0
+    # only the published calls, as a public leaderboard: no limits/listing/scores/reveal API, no `key` in the
+    # presigned fields (the client builds it), no idempotency by content hash; a test of the client against it
+    # shows the client needs nothing else
+    published_only: bool = False
 
     def __repr__(self) -> str:                # keys stay out of logs and tracebacks
         return (f"ServerSettings(labels_dir={str(self.labels_dir)!r}, state_dir={str(self.state_dir)!r}, "
                 f"s3={self.s3!r}, users={len(self.user_keys)}, admin={'set' if self.admin_key else 'unset'}, "
                 f"competition_id={self.competition_id}, bucket={self.bucket!r}, daily_limit={self.daily_limit}, "
-                f"own-limit keys={len(self.key_limits)})")
+                f"own-limit keys={len(self.key_limits)}, published_only={self.published_only})")
 
 
 def key_hash(key: str) -> str:
@@ -474,6 +483,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def user(authorization: str | None = Header(default=None)) -> int:
         return board.user_for(authorization)
 
+    if settings.published_only:
+        @app.get("/api/v1/competition/{cid}/presigned_url/")
+        def presigned_url_published(cid: int, description: str = Query("", max_length=2000),
+                                    hyperparameters: str = Query("{}", max_length=65536),
+                                    uid: int = Depends(user)) -> dict:
+            board.check_competition(cid)
+            body = board.request_upload(cid, uid, description, hyperparameters, None, "")
+            fields = {k: v for k, v in body["fields"].items() if k != "key"}   # the client builds the key
+            sub = body["submission"]
+            return {"url": body["url"], "fields": fields,
+                    "submission": {"user": sub["user"], "local_id": sub["local_id"]}}
+
+        _pages(app, board, settings)
+        return app
+
     @app.get("/api/v1/competition/{cid}/presigned_url/")
     def presigned_url(cid: int, description: str = Query("", max_length=2000),
                       hyperparameters: str = Query("{}", max_length=65536),
@@ -503,6 +527,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         board.check_competition(cid)
         return board.reveal(cid, authorization)
 
+    _pages(app, board, settings)
+    return app
+
+
+def _pages(app: FastAPI, board: Leaderboard, settings: ServerSettings) -> None:
+    """The health check and the HTML leaderboard: served in both modes (the page is where scores are read)."""
+
     @app.get("/healthz")
     def healthz() -> dict:
         return {"ok": True}
@@ -515,8 +546,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def leaderboard_page(cid: int) -> str:
         board.check_competition(cid)
         return board.page(cid)
-
-    return app
 
 
 def serve(settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:

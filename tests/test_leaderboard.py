@@ -50,7 +50,7 @@ def write_labels(root: Path, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 
 class Server:
-    def __init__(self, s3, labels: Path, state: Path, log: Path):
+    def __init__(self, s3, labels: Path, state: Path, log: Path, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEGPIPE_S3_ENDPOINT": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
@@ -60,7 +60,8 @@ class Server:
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "segpipe.leaderboard", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--labels", str(labels), "--state-dir", str(state), "--competition-id", str(CID), "--poll-s", "0.2"],
+             "--labels", str(labels), "--state-dir", str(state), "--competition-id", str(CID), "--poll-s", "0.2",
+             *extra],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
@@ -603,3 +604,182 @@ def test_leaderboard_page_in_a_browser(board, tmp_path):
     finally:
         driver.quit()
     assert (tmp_path / "leaderboard.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ a leaderboard with only the published protocol
+PUBLISHED_BUCKET = "leaderboard-published"
+
+
+@pytest.fixture(scope="module")
+def published(s3, tmp_path_factory):
+    """The local server in --published-only mode: presigned_url (no `key` in the fields) + the upload, nothing else."""
+    root = tmp_path_factory.mktemp("lb-published")
+    names, labels = write_labels(root / "labels")
+    server = Server(s3, root / "labels", root / "state", root / "server.log", "--published-only",
+                    "--bucket", PUBLISHED_BUCKET)
+    yield {"server": server, "names": names, "labels": labels, "root": root, "s3": s3.client()}
+    server.stop()
+    log = (root / "server.log").read_text()
+    assert all(k not in log for k in (*KEYS.values(), ADMIN, ABLATION_KEY)), "a key leaked into the server log"
+
+
+def _objects(published, user: int) -> list[str]:
+    """The object keys the store received for one user of the published-only server."""
+    prefix = f"app/Competitions/{CID:06d}/Users/{user:08d}/"
+    got = published["s3"].list_objects_v2(Bucket=PUBLISHED_BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in got.get("Contents", []))
+
+
+def _published_params(published, tmp_path, **kw) -> SubmitParams:
+    return SubmitParams(**{"description": "protocol only", "base_url": published["server"].url, "competition_id": CID,
+                           "wait_seconds": 20, "poll_seconds": 0.2, "ledger": str(tmp_path / "ledger.json"), **kw})
+
+
+def test_submit_stage_to_a_published_only_server(published, tmp_path):
+    """The whole submit stage against a server with only presigned_url + upload: the right object key, the CSV's
+    exact bytes in the store, `submitted, score on the leaderboard's page` in the result, the slot in the ledger."""
+    from pipelines.submit import ledger_limits, run
+
+    names, labels, url = published["names"], published["labels"], published["server"].url
+    for extra in ("limits/", "submissions/", "submissions/1/"):            # the mode really has nothing else
+        r = requests.get(f"{url}/api/v1/competition/{CID}/{extra}", timeout=10,
+                         headers={"Authorization": f"Bearer {KEYS['alice']}"})
+        assert r.status_code == 404, (extra, r.status_code)
+    infer = _infer_dir(tmp_path / "infer", names, np.repeat(np.repeat(labels, 2, 1), 2, 2))
+    params = _published_params(published, tmp_path)
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+    first = run(params, data, infer, tmp_path / "out", key=KEYS["alice"], hyperparameters={"train": {}},
+                oof_miou=0.75, run_name="pub-a")
+    csv = tmp_path / "out" / "submission.csv"
+    key = f"app/Competitions/{CID:06d}/Users/00000001/Submissions/0001/output.csv"
+    assert _objects(published, 1) == [key]
+    body = published["s3"].get_object(Bucket=PUBLISHED_BUCKET, Key=key)["Body"].read()
+    assert body == csv.read_bytes()
+    assert (first.status, first.user, first.local_id, first.submission_id, first.public_score) == \
+        ("submitted", 1, 1, None, None)
+    assert "submitted, score on the leaderboard's page" in first.summary() and "OOF 0.7500" in first.summary()
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["status"] == "submitted" and "score on the leaderboard's page" in saved["score"]
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert ledger_limits(params, ledger).used_today == 1
+    (entry,) = ledger.values()
+    assert (entry["user"], entry["local_id"]) == (1, 1)
+    history = json.loads((tmp_path / "submission_history.json").read_text())
+    assert [(h["run"], h["status"], h["user"], h["local_id"]) for h in history] == [("pub-a", "submitted", 1, 1)]
+
+    # the same file again: the ledger says it was sent; no slot, no second object, the history keeps one row
+    again = run(params, data, infer, tmp_path / "out2", key=KEYS["alice"], hyperparameters={}, run_name="pub-b")
+    assert again.reused and again.status == "submitted" and again.local_id == 1
+    assert _objects(published, 1) == [key]
+    assert ledger_limits(params, json.loads((tmp_path / "ledger.json").read_text())).used_today == 1
+    assert len(json.loads((tmp_path / "submission_history.json").read_text())) == 1
+
+    # the server scored the upload all the same: the score is on its page
+    deadline = time.monotonic() + 20
+    while "1.0000" not in (page := requests.get(f"{url}/", timeout=10).text):
+        assert time.monotonic() < deadline, page[-2000:]
+        time.sleep(0.2)
+    assert "protocol only" in page
+
+
+def test_ledger_daily_limit_when_the_server_offers_none(published, tmp_path):
+    """No limits endpoint: submit.daily_limit counted in the ledger stops the run before it asks for a slot."""
+    from pipelines.submit import ledger_limits, run
+    from segpipe.leaderboard import SubmissionRefused
+
+    names, labels = published["names"], published["labels"]
+    data = DataParams(root="unused", classes=TRASH_CLASSES)
+
+    def submit(name: str, cols: int, **kw):
+        masks = labels.copy()
+        masks[:, :, :cols] = 0                                             # a different file each time
+        return run(_published_params(published, tmp_path, **kw), data, _infer_dir(tmp_path / name, names, masks),
+                   tmp_path / name / "out", key=KEYS["carol"], hyperparameters={})
+
+    assert submit("one", 16).status == "submitted"
+    with pytest.raises(SubmissionRefused, match=r"daily limit used up \(1/1, counted by the ledger .*ledger.json "
+                                                r"<submit.daily_limit=1>\); it resets at .*T00:00:00"):
+        submit("two-a", 32, daily_limit=1)
+    with pytest.raises(SubmissionRefused, match=r"only the last of 2 daily slots is left \(counted by the ledger"):
+        submit("two-b", 32, daily_limit=2)
+    assert _objects(published, 3) == [f"app/Competitions/{CID:06d}/Users/00000003/Submissions/0001/output.csv"]
+    last = submit("two-c", 32, daily_limit=2, allow_last_slot=True)
+    assert (last.status, last.local_id) == ("submitted", 2)              # no slot was taken by the refusals
+    assert len(_objects(published, 3)) == 2
+    params = _published_params(published, tmp_path, daily_limit=2)
+    lim = ledger_limits(params, json.loads(Path(params.ledger).read_text()))
+    assert (lim.used_today, lim.remaining) == (2, 0)
+
+
+def _header_log(session: requests.Session) -> list[str]:
+    """Record the Authorization header of every request the session sends (a real requests response hook)."""
+    seen: list[str] = []
+    session.hooks["response"].append(lambda r, *a, **k: seen.append(r.request.headers.get("Authorization")))
+    return seen
+
+
+@pytest.mark.parametrize("form", ["bare", "Bearer", "bearer"])
+def test_key_given_bare_or_with_bearer_sends_one_prefix(board, published, tmp_path, form):
+    """SEGPIPE_LEADERBOARD_KEY as `k` or as `Bearer k`: exactly one `Bearer ` goes out, and both servers accept it."""
+    from segpipe.leaderboard import bearer
+
+    raw = KEYS["gina"]
+    key = raw if form == "bare" else f"{form} {raw}"
+    assert bearer(key) == (f"Bearer {raw}" if form != "bearer" else f"bearer {raw}")
+    session = requests.Session()
+    seen = _header_log(session)
+    full = LeaderboardClient(board["server"].url, CID, key, retries=0, session=session)
+    assert full.limits().daily_limit == LIMIT                       # a doubled prefix would be an unknown key: 401
+    # the published-only server: an upload of its own (gina is user 7 there), accepted with this header form
+    csv = write_submission(tmp_path / "g.csv", published["names"], published["labels"])
+    pub = LeaderboardClient(published["server"].url, CID, key, retries=0, session=session)
+    sub = pub.submit(csv, f"key form {form}", {})
+    assert sub.status == "submitted" and sub.user == 7
+    sent = [h for h in seen if h is not None]
+    assert len(sent) == 3 and all(h.count("earer ") == 1 and h.endswith(f"earer {raw}") for h in sent), \
+        [h.replace(raw, "<key>") for h in sent]
+    assert None in seen                                             # the S3 upload carries no Authorization
+
+
+def test_preflight_spends_no_slot(board, published, tmp_path, caplog):
+    """Start-up checks: against the published-only server they pass without asking for a slot (and say why the key
+    was not checked); against the full server a wrong key still fails the run before any work."""
+    import logging
+
+    from pipelines.submit import preflight
+    from segpipe.leaderboard import LeaderboardAuthError
+
+    params = _published_params(published, tmp_path)
+    with caplog.at_level(logging.INFO, logger="pipelines.submit"):
+        preflight(params, KEYS["dave"])
+        preflight(params, "not-a-key")                  # nothing on that server can check it without a slot
+    assert "SEGPIPE_LEADERBOARD_KEY key not checked at start-up" in caplog.text and KEYS["dave"] not in caplog.text
+    # no slot spent: dave's first presigned_url (user 4 there) is still local #1; its fields carry no `key`
+    r = requests.get(f"{published['server'].url}/api/v1/competition/{CID}/presigned_url/", timeout=10,
+                     params={"description": "after preflight", "hyperparameters": '{"training":{},"inference":{}}'},
+                     headers={"Authorization": f"Bearer {KEYS['dave']}"})
+    r.raise_for_status()
+    body = r.json()
+    assert body["submission"] == {"user": 4, "local_id": 1}
+    assert set(body["fields"]) == {"x-amz-algorithm", "x-amz-credential", "x-amz-date", "policy", "x-amz-signature"}
+
+    full = _published_params(published, tmp_path, base_url=board["server"].url)
+    used = client(board, "dave").limits().used_today
+    preflight(full, KEYS["dave"])
+    assert client(board, "dave").limits().used_today == used
+    with pytest.raises(LeaderboardAuthError, match="401"):
+        preflight(full, "not-a-key")
+
+
+def test_published_only_app_in_code(s3, tmp_path):
+    """The same mode built in Python (ServerSettings(published_only=True)): only presigned_url and the pages."""
+    from segpipe.leaderboard_server import ServerSettings, create_app
+
+    settings = ServerSettings(labels_dir=tmp_path / "labels", state_dir=tmp_path / "state", s3=s3,
+                              user_keys=("k",), competition_id=CID, published_only=True)
+    paths = {r.path for r in create_app(settings).routes}
+    assert "/api/v1/competition/{cid}/presigned_url/" in paths and "/healthz" in paths and "/" in paths
+    assert not [p for p in paths if p.endswith(("/limits/", "/submissions/", "/submissions/{sid}/", "/reveal"))]
+    full = {r.path for r in create_app(ServerSettings(labels_dir=tmp_path / "l", state_dir=tmp_path / "s", s3=s3,
+                                                      user_keys=("k",))).routes}
+    assert "/api/v1/competition/{cid}/limits/" in full
