@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import pipelines.split
 from flows import runners, tasks, warm
 from flows.caching import StageRunner
-from flows.monitoring import flow_run_name, publish_run_links, rename_flow_run
+from flows.monitoring import flow_run_name, public_score, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
 from pipelines.contentkey import StageKeys
 from segpipe.config import load_all
@@ -128,7 +128,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
                           description=f"full-pipeline run {rid}")
     publish_run_links(summary, store)
     log.info("run %s done: OOF mIoU %.4f, public mIoU %s; %d of %d stages reused", rid, result.oof_miou,
-             summary.get("public_miou"), summary["reused"], len(summary["stages"]))
+             public_score(summary), summary["reused"], len(summary["stages"]))
     return summary
 
 
@@ -241,7 +241,7 @@ def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid:
         create_markdown_artifact(embed_images(cv_lb.read_text(), cv_lb.parent), key="cv-vs-leaderboard",
                                  description="every submission's OOF mIoU beside its public mIoU, oldest first")
     return {"public_miou": sub.public_score, "submission": sub.submission_id, "submit_status": sub.status,
-            "submit_reason": sub.reason}
+            "submit_reason": sub.reason, "submit_score": sub.score}
 
 
 HISTORY_COLUMNS = ("run", "time", "deployment", "submission_id", "description", "oof_miou", "public_score",

@@ -81,6 +81,11 @@ def http_url(store, s3_uri: str) -> str | None:
     return f"{store.cfg.endpoint_url.rstrip('/')}/{s3_uri.removeprefix('s3://')}"
 
 
+def public_score(summary: dict) -> float | str | None:
+    """The public mIoU, or where to read it when the leaderboard has no score API ("score on the leaderboard's page")."""
+    return summary.get("public_miou") if summary.get("public_miou") is not None else summary.get("submit_score")
+
+
 def publish_run_links(summary: dict, store) -> None:
     """The `run-artifacts` markdown artifact: where each stage's files are, and whether it ran or was reused."""
     from prefect.artifacts import create_markdown_artifact
@@ -96,7 +101,7 @@ def publish_run_links(summary: dict, store) -> None:
         lines.append(f"| {r['label']} | {'reused' if r['cached'] else 'ran'} | {r['seconds']:.1f} | "
                      f"`{r['key']}` | {where} |")
     if summary.get("submission") is not None or summary.get("submit_status"):
-        lines += ["", f"submission: {summary.get('submit_status')} (public mIoU {summary.get('public_miou')}), "
+        lines += ["", f"submission: {summary.get('submit_status')} (public mIoU {public_score(summary)}), "
                       f"`{store.url(summary['artifacts'] + '/submit/submission.csv')}`"]
     create_markdown_artifact("\n".join(lines) + "\n", key="run-artifacts",
                              description="every stage's S3 artifacts, content key and whether it was reused")

@@ -22,6 +22,8 @@ def main() -> int:
     print(f"{'prefect ui':<{width}}{ui}/runs")
     if s.get("public_miou") is not None:
         print(f"\nPUBLIC LEADERBOARD mIoU: {s['public_miou']:.4f}  (local OOF mIoU {s['oof_miou']:.4f})")
+    elif s.get("submit_status") == "submitted" and s.get("submit_score"):
+        print(f"\nSUBMITTED: {s['submit_score']}  (local OOF mIoU {s['oof_miou']:.4f})")
     elif s.get("submit_reason"):
         print(f"\nNOT SUBMITTED: {s['submit_reason']}")
     return 0
