@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         return _weights(args)
     try:
         if args.action == "up":
-            services = args.only.split(",") if args.only else list(stack.SERVICES)
+            # None: every service, the leaderboard only where there are hidden labels to serve (stack.up)
+            services = [s.strip() for s in args.only.split(",")] if args.only else None
             if args.no_leaderboard:
-                services = [s for s in services if s != "leaderboard"]
+                services = [s for s in services or stack.SERVICES if s != "leaderboard"]
             ports = {"s3": args.s3_port, "prefect": args.prefect_port, "leaderboard": args.leaderboard_port,
                      "weed_base": args.weed_base_port}
             t0 = time.monotonic()
-            st = stack.up(args.home, {k: v for k, v in ports.items() if v}, [s.strip() for s in services],
+            st = stack.up(args.home, {k: v for k, v in ports.items() if v}, services,
                           labels=args.labels, alert_webhook=args.alert_webhook)
             print(stack.format_status(st))
             home = stack.stack_home(args.home)

@@ -399,6 +399,17 @@ def _install_automations(home: Path, ports: dict[str, int], cwd: Path, webhook: 
     log.info("automations: %s", "; ".join(res.stdout.split("\n")).strip("; "))
 
 
+def no_leaderboard_reason(cwd: Path | str) -> str | None:
+    """Why a default `up` leaves the leaderboard out: data.hidden_labels is empty (real data: the competition's
+    leaderboard holds the test labels, there is none to run here); None when there are labels to serve."""
+    from segpipe.config import ParamsError, load_params
+    try:
+        hidden = load_params("data", path=Path(cwd) / "params.yaml").hidden_labels
+    except ParamsError:
+        return None          # _leaderboard_labels says what is wrong with the file
+    return None if hidden else "data.hidden_labels is empty"
+
+
 def _leaderboard_labels(cwd: Path, labels: Path | str | None) -> Path:
     if labels is None:
         from segpipe.config import ParamsError, load_params
@@ -487,8 +498,13 @@ def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
        cwd: Path | str | None = None, alert_webhook: str | None = None) -> dict[str, dict]:
     """Start the missing services (all by default), leave running ones alone; returns `status`.
 
+    By default the leaderboard starts only when there are hidden test labels to serve (`labels`, else
+    data.hidden_labels): with real data there are none, and the stack starts without it, saying so. Naming the
+    leaderboard in `services` makes it required.
+
     With the Prefect server up, (re)creates the automations: runs that stop sending heartbeats are marked Crashed,
     and failed or crashed runs are posted to `alert_webhook` (default $SEGPIPE_ALERT_WEBHOOK) if there is one."""
+    required = services is not None
     services = list(services or SERVICES)
     unknown = sorted(set(services) - set(SERVICES))
     if unknown:
@@ -504,6 +520,15 @@ def up(home: Path | str | None = None, ports: dict[str, int] | None = None,
         if _alive(rec):
             ports.update({k: v for k, v in rec.get("ports", {}).items()})
     env = _write_credentials(home, ports)
+    skipped = state.setdefault("skipped", {})
+    skipped.pop("leaderboard", None)
+    why = None if required or labels is not None else no_leaderboard_reason(cwd)
+    if why and "leaderboard" in services and not _alive(state["services"].get("leaderboard")):
+        services.remove("leaderboard")
+        skipped["leaderboard"] = why
+        log.info("leaderboard: not started: %s in %s, so there is no local leaderboard to serve (real data: "
+                 "submissions go to submit.base_url). To run one, pass --labels DIR <data.hidden_labels>",
+                 why, cwd / "params.yaml")
     starters = {"s3": _start_s3, "prefect": _start_prefect, "worker": _start_worker,
                 "leaderboard": lambda *a: _start_leaderboard(*a, labels=labels)}
     for name in SERVICES:
@@ -555,6 +580,8 @@ def down(home: Path | str | None = None) -> list[str]:
         del state["services"][name]
         if home.is_dir():
             _save_state(home, state)
+    if state.pop("skipped", None) and home.is_dir():
+        _save_state(home, state)
     return stopped
 
 
@@ -577,7 +604,9 @@ def status(home: Path | str | None = None) -> dict[str, dict]:
             pid = rec["pid"]
         else:
             port = {"s3": "s3", "prefect": "prefect", "leaderboard": "leaderboard"}.get(name)
-            st = "port busy (not ours)" if port and _port_open(p[port]) else "stopped"
+            skipped = state.get("skipped", {}).get(name)
+            st = ("port busy (not ours)" if port and _port_open(p[port])
+                  else f"not started ({skipped})" if skipped else "stopped")
             pid = None
         out[name] = {"state": st, "url": url, "pid": pid}
         if name == "prefect":

@@ -81,6 +81,25 @@ def test_second_up_is_a_noop(running):
     assert stack.load_env(running["home"]) == env_before           # secrets are generated once
 
 
+def test_no_hidden_labels_starts_without_leaderboard_and_says_so(running, tmp_path, monkeypatch, capsys, caplog):
+    """Real data: data.hidden_labels is empty, so a plain `stack up` leaves the leaderboard out instead of failing."""
+    (tmp_path / "params.yaml").write_text('data: {root: data/raw, classes: [Background, Paper], hidden_labels: ""}\n')
+    monkeypatch.chdir(tmp_path)
+    args = ["stack", "up", "--home", str(running["home"]), "--s3-port", str(running["ports"]["s3"]),
+            "--prefect-port", str(running["ports"]["prefect"])]
+    with caplog.at_level("INFO", logger="segpipe.stack"):
+        assert cli.main(args) == 0
+    assert "leaderboard: not started: data.hidden_labels is empty" in caplog.text
+    assert "--labels DIR" in caplog.text
+    assert "not started (data.hidden_labels is empty)" in capsys.readouterr().out   # and the status table
+    st = stack.status(running["home"])
+    assert {k: st[k]["state"] for k in SERVICES} == dict.fromkeys(SERVICES, "running")
+    assert st["leaderboard"]["state"] == "not started (data.hidden_labels is empty)"
+    # naming the leaderboard makes it required: the same params fail, saying what to pass
+    with pytest.raises(stack.StackError, match="data.hidden_labels is empty.*--labels DIR"):
+        stack.up(running["home"], running["ports"], ["leaderboard"], cwd=tmp_path)
+
+
 def test_status_cli_lists_urls(running, capsys):
     assert cli.main(["stack", "status", "--home", str(running["home"])]) == 0
     out = capsys.readouterr().out
