@@ -70,7 +70,8 @@ def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Pa
     worst = ranked[: params.show]
     tiles = []
     for r in worst:
-        image = cv2.resize(read_image(by_name[r.file_name].image), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(read_image(by_name[r.file_name].image, by_name[r.file_name].exif), (SIZE, SIZE),
+                           interpolation=cv2.INTER_AREA)
         truth = cv2.resize(read_mask(by_name[r.file_name].mask), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
         tiles.append((image, truth, preds[r.file_name], f"#{r.rank} {r.file_name}  mIoU {r.miou:.3f}"))
     if tiles:

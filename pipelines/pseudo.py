@@ -46,7 +46,8 @@ def run(data: DataParams, params: PseudoParams, validate_dir: Path, infer_dir: P
         if not cv2.imwrite(str(out_dir / rel), mask):
             raise OSError(f"could not write pseudo mask {out_dir / rel}")
         samples.append({"file_name": names[i], "image": image_of[names[i]], "mask": str(rel)})
-    write_json(out_dir / "index.json", {"data_root": index["data_root"], "samples": samples})
+    write_json(out_dir / "index.json", {"data_root": index["data_root"], "samples": samples,
+                                        "exif_orientation": index.get("exif_orientation", "apply")})
     write_json(out_dir / "provenance.json", {
         # everything that produced these labels, so a pseudo set can always be traced back and reproduced
         "round": round_,

@@ -32,7 +32,8 @@ log = logging.getLogger("pipelines.train")
 # store; RESULT_ENV (e.g. `results`): finished members are stored under a content key and reused
 # the code that decides trained weights: part of the content key, so a code change retrains
 CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
-              "segpipe/outputs.py", "segpipe/losses.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")
+              "segpipe/outputs.py", "segpipe/losses.py",
+              "segpipe/photos.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 

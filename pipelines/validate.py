@@ -94,11 +94,12 @@ def run(data: DataParams, params: ValidateParams, out_dir: Path, workers: int | 
             if res.layout == "coco" and (res.root / f"{name}.json").exists():
                 split_counts[name] = len(json.loads((res.root / f"{name}.json").read_text())["images"])
         eda = run_eda(tuple(data.classes), train, res.annotations, pixel_counts, ignored, overlaps, res.root, tmp,
-                      tmp / "eda", split_counts=split_counts, sample_grid=params.sample_grid, warnings=res.warnings)
+                      tmp / "eda", split_counts=split_counts, sample_grid=params.sample_grid, warnings=res.warnings,
+                      exif_orientation=data.exif_orientation)
         seconds["eda"] = time.perf_counter() - t
 
         index = {"data_root": data.root, "layout": res.layout, "classes": list(data.classes),
-                 "ignore_index": data.ignore_index, "train": train,
+                 "ignore_index": data.ignore_index, "exif_orientation": data.exif_orientation, "train": train,
                  "test": [{"file_name": r["file_name"], "image": r["image"]} for r in res.test]}
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         (tmp / "gx_results.json").write_text(json.dumps(res.gx, indent=1, default=str))

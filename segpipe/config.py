@@ -34,6 +34,10 @@ class DataParams(Section):
     unknown: Literal["background", "class", "ignore"] = "background"  # what an UNKNOWN category becomes
     ignore_index: int = 255        # label value excluded from loss and metric
     hidden_labels: str = ""        # leaderboard-only labels of the test split (emulator); empty for real data
+    # JPEG EXIF orientation, the same in validation, rasterisation, training and inference (segpipe.photos): apply
+    # (photos as the camera showed them; COCO width/height checked against that size), ignore (pixels as stored),
+    # reject (a photo with an orientation fails validation, named)
+    exif_orientation: Literal["apply", "ignore", "reject"] = "apply"
 
 
 class GenerateParams(Section):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segpipe.photos import read_photo
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +28,7 @@ class Sample:
     mask: Path | None = None     # None for test images
     batch: str = ""
     classes: tuple[int, ...] = ()
+    exif: str = "apply"          # data.exif_orientation, as the validate stage recorded it (segpipe.photos)
 
 
 def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]:
@@ -33,11 +36,13 @@ def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]
     index_path = Path(index_path)
     idx = json.loads(index_path.read_text())
     root = Path(idx["data_root"])
+    exif = idx.get("exif_orientation", "apply")
     train = [
-        Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], r.get("batch", ""), tuple(r.get("classes", ())))
+        Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], r.get("batch", ""),
+               tuple(r.get("classes", ())), exif)
         for r in idx["train"]
     ]
-    test = [Sample(r["file_name"], root / r["image"]) for r in idx["test"]]
+    test = [Sample(r["file_name"], root / r["image"], exif=exif) for r in idx["test"]]
     return train, test, list(idx["classes"])
 
 
@@ -46,18 +51,19 @@ def load_pseudo_index(index_path: Path) -> list[Sample]:
     index_path = Path(index_path)
     idx = json.loads(index_path.read_text())
     root = Path(idx["data_root"])
-    return [Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], "pseudo") for r in idx["samples"]]
+    exif = idx.get("exif_orientation", "apply")
+    return [Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], "pseudo", exif=exif)
+            for r in idx["samples"]]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image as RGB uint8 (H, W, 3); a file that cannot be decoded is an error, not a skip."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f"cannot read image {path}: missing or corrupt (run the validate stage)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+def read_image(path: Path, exif: str = "apply") -> np.ndarray:
+    """Decode a photo as RGB uint8 (H, W, 3) under data.exif_orientation (segpipe.photos.read_photo: the one
+    decoder of photos, so training and inference see them as validation sized them)."""
+    return read_photo(path, exif)
 
 
 def read_mask(path: Path) -> np.ndarray:
+    """A label mask as stored (never re-oriented: it is drawn in the frame its photo is shown in)."""
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise FileNotFoundError(f"cannot read mask {path}: missing or corrupt (re-run the validate stage)")
@@ -75,7 +81,7 @@ def decode_all(samples: list[Sample], size: int, threads: int = 4) -> tuple[np.n
     masks = np.empty((len(samples), size, size), np.uint8) if has_masks else None
 
     def load(i: int) -> None:
-        img = read_image(samples[i].image)
+        img = read_image(samples[i].image, samples[i].exif)
         images[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
         if masks is not None:
             masks[i] = cv2.resize(read_mask(samples[i].mask), (size, size), interpolation=cv2.INTER_NEAREST)

@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from segpipe.inline import INLINE_BYTES, embed_images, preview_jpeg  # noqa: E402,F401 (re-exported)
+from segpipe.photos import read_photo  # noqa: E402
 
 # COCO's small/medium/large area thresholds (32^2, 96^2 px) are for ~640x480 photos; scaled by image area.
 COCO_REF_AREA = 640 * 480
@@ -95,12 +96,13 @@ def _grid(tiles: list[tuple[np.ndarray, str]], path: Path, title: str) -> None:
 def run_eda(
     classes: tuple[str, ...], train: list[dict], annotations: pd.DataFrame, pixel_counts: np.ndarray,
     ignore_counts: np.ndarray, overlap_pixels: np.ndarray, image_root: Path, mask_root: Path, out_dir: Path, *,
-    split_counts: dict[str, int], sample_grid: int = 12, warnings: list[str] = (),
+    split_counts: dict[str, int], sample_grid: int = 12, warnings: list[str] = (), exif_orientation: str = "apply",
 ) -> EdaResult:
     """Write eda/ plots, report.md and eda_metrics.json.
 
     train: index rows (file_name, image, mask); pixel_counts (N, C) class pixels per train image after
     rasterisation; ignore_counts / overlap_pixels (N,) ignore-valued and multiply-covered pixels per image.
+    exif_orientation: data.exif_orientation, how the photos under the masks are decoded (segpipe.photos).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     n_cls = len(classes)
@@ -170,7 +172,7 @@ def run_eda(
     plt.close(fig)
 
     def tile(k: int, box=None) -> np.ndarray:
-        img = np.asarray(Image.open(image_root / train[k]["image"]).convert("RGB"))
+        img = read_photo(image_root / train[k]["image"], exif_orientation)
         mask = np.asarray(Image.open(mask_root / train[k]["mask"]))
         out = overlay(img, mask)
         if box is not None:  # outline the object in white

@@ -27,11 +27,13 @@ from segpipe.coco import (
     CocoFile, DataError, LayoutError, UnknownCategoryError, class_map, load_coco, read_mask_png_layout,
 )
 from segpipe.parallel import worker_pool
+from segpipe.photos import ORIENTATION_NAMES, SWAPS_AXES, check_rule, describe, orientation_of
 
 COORD_TOLERANCE = 1.0   # px: exporters write edge vertices at exactly width/height, sometimes a rounding beyond
 FATAL = {
     "empty_dataset", "duplicate_image_id", "duplicate_file_name", "duplicate_annotation_id",
     "unknown_category_name", "leakage_train_test", "too_many_empty_images", "split_inconsistent",
+    "exif_orientation_rejected",
 }
 
 
@@ -101,9 +103,10 @@ class ValidationResult:
 # ----------------------------------------------------------------------------- file checks (multiprocessing)
 
 def inspect_file(path: str) -> dict:
-    """Decode one image or mask once: readability, real size, mode, pixel hash, label values (masks)."""
+    """Decode one image or mask once: readability, stored size, EXIF orientation (from the header already read),
+    mode, pixel hash, label values (masks)."""
     out = {"path": path, "file_exists": os.path.isfile(path), "readable": False, "error": "",
-           "real_w": np.nan, "real_h": np.nan, "mode": "", "hash": "", "values": ""}
+           "real_w": np.nan, "real_h": np.nan, "orientation": 1, "mode": "", "hash": "", "values": ""}
     if not out["file_exists"]:
         out["error"] = "file not found"
         return out
@@ -111,7 +114,7 @@ def inspect_file(path: str) -> dict:
         with Image.open(path) as im:
             im.load()  # raises on truncated data (PIL's LOAD_TRUNCATED_IMAGES is False)
             arr = np.asarray(im)
-            out.update(readable=True, real_w=im.width, real_h=im.height, mode=im.mode)
+            out.update(readable=True, real_w=im.width, real_h=im.height, mode=im.mode, orientation=orientation_of(im))
     except Exception as e:  # PIL raises many types for corrupt files; the message is what the user needs
         out["error"] = f"{type(e).__name__}: {e}"
         return out
@@ -132,8 +135,8 @@ def inspect_files(paths: list[str], workers: int | None = None) -> pd.DataFrame:
             rows = pool.map(inspect_file, paths, chunksize=max(1, len(paths) // (workers * 8)))
     else:
         rows = [inspect_file(p) for p in paths]
-    return pd.DataFrame(rows, columns=["path", "file_exists", "readable", "error", "real_w", "real_h", "mode",
-                                       "hash", "values"])
+    return pd.DataFrame(rows, columns=["path", "file_exists", "readable", "error", "real_w", "real_h", "orientation",
+                                       "mode", "hash", "values"])
 
 
 # ----------------------------------------------------------------------------- flatten records into tables
@@ -266,12 +269,19 @@ IMAGE_SUITE = [
      "image file {path} not found", "add the file or remove the record (and its annotations)"),
     ("image_unreadable", "ExpectColumnValuesToBeInSet", {"column": "decodable", "value_set": [True]},
      "image {path} cannot be decoded ({error})", "re-export the image; truncated/corrupt files must be replaced"),
+    # real_w/real_h: the size as data.exif_orientation shows the photo (segpipe.photos); check_w/check_h are the
+    # same, left empty where the next expectation reports the photo instead
+    ("image_exif_stored_size", "ExpectColumnValuesToBeInSet", {"column": "json_has_stored_size", "value_set": [False]},
+     "{orientation_desc}: the photo shows as {shown_size}, but the JSON has its stored size {stored_size}",
+     "data.exif_orientation=apply takes photos as the camera showed them: if the annotations were drawn on the "
+     "stored pixels set data.exif_orientation: ignore, else write the shown size into the JSON (or re-export the "
+     "photo with the rotation applied to its pixels)"),
     ("image_size_mismatch", "ExpectColumnPairValuesToBeEqual",
-     {"column_A": "width", "column_B": "real_w", "ignore_row_if": "either_value_is_missing"},
-     "JSON width {width} != real width {real_w}", "fix width/height in the JSON or re-export the image"),
+     {"column_A": "width", "column_B": "check_w", "ignore_row_if": "either_value_is_missing"},
+     "JSON width {width} != real width {real_w}{size_note}", "fix width/height in the JSON or re-export the image"),
     ("image_size_mismatch", "ExpectColumnPairValuesToBeEqual",
-     {"column_A": "height", "column_B": "real_h", "ignore_row_if": "either_value_is_missing"},
-     "JSON height {height} != real height {real_h}", "fix width/height in the JSON or re-export the image"),
+     {"column_A": "height", "column_B": "check_h", "ignore_row_if": "either_value_is_missing"},
+     "JSON height {height} != real height {real_h}{size_note}", "fix width/height in the JSON or re-export the image"),
 ]
 TRAIN_IMAGE_SUITE = [
     ("duplicate_image_content", "ExpectColumnValuesToBeUnique", {"column": "hash_or_none"},
@@ -322,10 +332,12 @@ MASK_SUITE = [
      "mask {mask_path} has mode {mask_mode}", "masks are 8-bit single-channel PNGs (pixel = class id)"),
     ("mask_size_mismatch", "ExpectColumnPairValuesToBeEqual",
      {"column_A": "real_w", "column_B": "mask_w", "ignore_row_if": "either_value_is_missing"},
-     "mask width {mask_w} != image width {real_w}", "masks must have their image's size"),
+     "mask width {mask_w} != image width {real_w}{size_note}",
+     "masks must have their image's size, as data.exif_orientation shows the image"),
     ("mask_size_mismatch", "ExpectColumnPairValuesToBeEqual",
      {"column_A": "real_h", "column_B": "mask_h", "ignore_row_if": "either_value_is_missing"},
-     "mask height {mask_h} != image height {real_h}", "masks must have their image's size"),
+     "mask height {mask_h} != image height {real_h}{size_note}",
+     "masks must have their image's size, as data.exif_orientation shows the image"),
     ("mask_bad_values", "ExpectColumnValuesToBeInSet", {"column": "bad_values", "value_set": [""]},
      "mask {mask_path} has values {bad_values} outside 0..n_classes-1 and ignore_index",
      "fix the mask or add the classes to classes.txt"),
@@ -419,13 +431,51 @@ def _finish(problems: list[Problem], params, root: Path, gx_results: dict) -> li
     return record
 
 
+def _wh(w: float, h: float) -> str:
+    return "" if math.isnan(w) or math.isnan(h) else f"{w:.0f}x{h:.0f}"
+
+
+def _orient_sizes(images: pd.DataFrame, rule: str) -> pd.DataFrame:
+    """Size columns under data.exif_orientation: stored_w/h as in the file, real_w/h as the rule shows the photo,
+    check_w/h for the JSON comparison, and the notes that name the orientation when a size does not match."""
+    o = images["orientation"].fillna(1).astype(int)
+    images["orientation"] = o
+    images["stored_w"], images["stored_h"] = images["real_w"], images["real_h"]
+    swap = o.isin(SWAPS_AXES) & (rule == "apply")
+    images["real_w"] = np.where(swap, images["stored_h"], images["stored_w"])
+    images["real_h"] = np.where(swap, images["stored_w"], images["stored_h"])
+    images["orientation_desc"] = [describe(v) for v in o]
+    images["shown_size"] = [_wh(w, h) for w, h in zip(images["real_w"], images["real_h"])]
+    images["stored_size"] = [_wh(w, h) for w, h in zip(images["stored_w"], images["stored_h"])]
+    json_size = [_wh(w, h) for w, h in zip(images["width"], images["height"])]
+    # the JSON was written for the pixels as stored: its own problem, which says what to do
+    images["json_has_stored_size"] = (swap & (images["shown_size"] != images["stored_size"])
+                                      & (pd.Series(json_size, index=images.index) == images["stored_size"]))
+    images["check_w"] = images["real_w"].where(~images["json_has_stored_size"])
+    images["check_h"] = images["real_h"].where(~images["json_has_stored_size"])
+    notes = []
+    for v, shown, stored, js in zip(o, images["shown_size"], images["stored_size"], json_size):
+        if v != 1 and rule == "apply":
+            notes.append(f" ({describe(v)}: the size as shown; stored it is {stored})")
+        elif v in SWAPS_AXES and rule == "ignore" and js == shown != stored:
+            notes.append(f" ({describe(v)}: the JSON has the size as the camera showed it, data.exif_orientation="
+                         "ignore takes the pixels as stored; set it to apply if the annotations were drawn on the "
+                         "photo as shown)")
+        else:
+            notes.append("")
+    images["size_note"] = notes
+    return images
+
+
 def _check_images(images: pd.DataFrame, root: Path, params, warnings: list[str], workers,
-                  seconds: dict[str, float]) -> tuple[pd.DataFrame, list, dict]:
+                  seconds: dict[str, float], exif: str = "apply") -> tuple[pd.DataFrame, list, dict]:
     """File checks + image suites; returns the joined table, problems and GX results."""
+    check_rule(exif)
     with _timed(seconds, "files"):
         files = inspect_files([str(root / f) for f in images["file_name"]], workers)
     images = pd.concat([images.reset_index(drop=True), files.reset_index(drop=True)], axis=1)
     images["decodable"] = images["readable"] | ~images["file_exists"]   # missing files are reported once
+    images = _orient_sizes(images, exif)
     problems, gx_results = [], {}
     with _timed(seconds, "gx"):
         res, fails = run_suite("images", images, IMAGE_SUITE)
@@ -447,6 +497,20 @@ def _check_images(images: pd.DataFrame, root: Path, params, warnings: list[str],
         other = images[(images["split"] == "test") & (images["hash"] == r["hash"])]["file_name"].iloc[0]
         problems.append(_problem("leakage_train_test", r, f"pixels identical to test image {other}; remove it from "
                                  "train (or test): it inflates validation and leaks labels", "image"))
+    turned = images[images["readable"] & (images["orientation"] != 1)]
+    if exif == "reject":
+        for _, r in turned.iterrows():
+            problems.append(_problem("exif_orientation_rejected", r, f"{r['orientation_desc']}: data.exif_orientation"
+                                     "=reject accepts only photos stored as shown; re-export it with the rotation "
+                                     "applied to its pixels (its annotations in that frame), or set "
+                                     "data.exif_orientation: apply (as the camera showed it) or ignore (as stored)",
+                                     "image"))
+    elif len(turned):
+        how = ("used as the camera showed them (data.exif_orientation=apply)" if exif == "apply" else
+               "used as stored, their orientation not applied (data.exif_orientation=ignore)")
+        warnings.append(f"{len(turned)} photo(s) carry an EXIF orientation and are {how}, e.g. "
+                        + ", ".join(f"{f} ({ORIENTATION_NAMES[v]})" for f, v in
+                                    zip(turned["file_name"].head(5), turned["orientation"].head(5))))
     odd_mode = images[images["readable"] & ~images["mode"].isin(["RGB"])]
     for _, r in odd_mode.iterrows():
         if params.grayscale == "fail":
@@ -458,7 +522,7 @@ def _check_images(images: pd.DataFrame, root: Path, params, warnings: list[str],
 
 
 def validate_coco(root: Path, classes, params, *, unknown="background", ignore_index=255,
-                  workers: int | None = None) -> ValidationResult:
+                  workers: int | None = None, exif_orientation: str = "apply") -> ValidationResult:
     """Validate the competition layout (train_all.json [+ train/val.json] + test.json + images)."""
     root = Path(root)
     seconds: dict[str, float] = {}
@@ -477,7 +541,8 @@ def validate_coco(root: Path, classes, params, *, unknown="background", ignore_i
                                 "no images: the dataset is empty; check data.root points at the real data"))
     images = pd.concat([flatten_images(train_all, "train")] + ([flatten_images(test, "test")] if test else []),
                        ignore_index=True)
-    images, img_problems, gx_results = _check_images(images, root, params, warnings, workers, seconds)
+    images, img_problems, gx_results = _check_images(images, root, params, warnings, workers, seconds,
+                                                     exif_orientation)
     problems += img_problems
     with _timed(seconds, "flatten"):
         anns, polys = flatten_annotations(train_all, cmap)
@@ -528,8 +593,8 @@ def validate_coco(root: Path, classes, params, *, unknown="background", ignore_i
                             tolerated, seconds)
 
 
-def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers: int | None = None
-                      ) -> ValidationResult:
+def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers: int | None = None,
+                      exif_orientation: str = "apply") -> ValidationResult:
     """Validate the mask-PNG layout: images, same-stem masks, classes.txt, optional test/images."""
     root = Path(root)
     ds = read_mask_png_layout(root)
@@ -548,7 +613,8 @@ def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers:
            for i, img in enumerate(ds.test)],
         columns=["split", "json", "pos", "image_id", "file_name", "width", "height", "missing_keys", "mask_path"])
     seconds: dict[str, float] = {}
-    images, img_problems, gx_results = _check_images(images, root, params, warnings, workers, seconds)
+    images, img_problems, gx_results = _check_images(images, root, params, warnings, workers, seconds,
+                                                     exif_orientation)
     problems += img_problems
     train = images[images["split"] == "train"].reset_index(drop=True)
     with _timed(seconds, "files"):
@@ -587,9 +653,9 @@ def validate_dataset(data, params, workers: int | None = None) -> ValidationResu
     """Validate `data` (DataParams) by its layout with `params` (ValidateParams)."""
     if data.layout == "mask_png":
         return validate_mask_png(Path(data.root), data.classes, params, ignore_index=data.ignore_index,
-                                 workers=workers)
+                                 workers=workers, exif_orientation=data.exif_orientation)
     return validate_coco(Path(data.root), data.classes, params, unknown=data.unknown,
-                         ignore_index=data.ignore_index, workers=workers)
+                         ignore_index=data.ignore_index, workers=workers, exif_orientation=data.exif_orientation)
 
 
 def _batch(file_name: str) -> str:
