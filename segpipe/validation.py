@@ -451,13 +451,17 @@ def _orient_sizes(images: pd.DataFrame, rule: str) -> pd.DataFrame:
     # the JSON was written for the pixels as stored: its own problem, which says what to do
     images["json_has_stored_size"] = (swap & (images["shown_size"] != images["stored_size"])
                                       & (pd.Series(json_size, index=images.index) == images["stored_size"]))
-    images["check_w"] = images["real_w"].where(~images["json_has_stored_size"])
-    images["check_h"] = images["real_h"].where(~images["json_has_stored_size"])
+    # ... and a photo reject refuses is reported as that alone
+    skip = images["json_has_stored_size"] | ((o != 1) & (rule == "reject"))
+    images["check_w"] = images["real_w"].where(~skip)
+    images["check_h"] = images["real_h"].where(~skip)
+    camera = [_wh(h, w) if v in SWAPS_AXES else _wh(w, h)    # as the camera showed it, whatever the rule
+              for v, w, h in zip(o, images["stored_w"], images["stored_h"])]
     notes = []
-    for v, shown, stored, js in zip(o, images["shown_size"], images["stored_size"], json_size):
+    for v, camera_size, stored, js in zip(o, camera, images["stored_size"], json_size):
         if v != 1 and rule == "apply":
             notes.append(f" ({describe(v)}: the size as shown; stored it is {stored})")
-        elif v in SWAPS_AXES and rule == "ignore" and js == shown != stored:
+        elif v in SWAPS_AXES and rule == "ignore" and js == camera_size != stored:
             notes.append(f" ({describe(v)}: the JSON has the size as the camera showed it, data.exif_orientation="
                          "ignore takes the pixels as stored; set it to apply if the annotations were drawn on the "
                          "photo as shown)")
