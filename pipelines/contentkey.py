@@ -93,6 +93,8 @@ class StageKeys:
         for dep in body.get("deps", []):
             if "${" in dep or self._is_output(dep):
                 continue      # data: an upstream stage's output, keyed by that stage's key instead
+            if self._is_tracked_data(dep):
+                continue      # the dataset brought in by `dvc add`/`dvc import-url`: keyed by its data version
             if not (self.root / dep).is_file():
                 raise ContentKeyError(f"dvc.yaml stage `{stage}` depends on {dep}, which is not a file here "
                                       "(only code files and upstream outputs are supported as deps)")
@@ -104,6 +106,12 @@ class StageKeys:
                                       "only keys of the default params.yaml are supported")
             params.append(entry)
         return StageSpec(stage, tuple(code), tuple(params))
+
+    def _is_tracked_data(self, path: str) -> bool:
+        """Tracked by a `.dvc` file (`data/raw.dvc` for data/raw or a folder above it), not by a stage."""
+        parts = Path(path).parts
+        return any((self.root / Path(*parts[:i]).parent / f"{parts[i - 1]}.dvc").is_file()
+                   for i in range(1, len(parts) + 1))
 
     def _is_output(self, path: str) -> bool:
         """Produced by a stage: an out itself, inside one, or a folder holding some (artifacts/retrain/r1)."""

@@ -34,16 +34,37 @@ def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def producing_stage(root: str) -> str | None:
+    """The dvc.yaml stage whose outputs hold the dataset (the embedded generator's `generate`), if there is one."""
+    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
+    for name, stage in stages.items():
+        for out in stage.get("outs", []) if isinstance(stage, dict) else []:
+            out = next(iter(out)) if isinstance(out, dict) else str(out)
+            if root == out or Path(out) in Path(root).parents:
+                return name
+    return None
+
+
+def tracking_file(root: str) -> Path | None:
+    """The `.dvc` file that `dvc add` or `dvc import-url` wrote for the dataset (or a folder above it), if any."""
+    parts = Path(root).parts
+    for i in range(len(parts), 0, -1):
+        candidate = Path(*parts[:i]).parent / f"{parts[i - 1]}.dvc"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def data_version(root: str) -> str:
-    """The DVC content hash of the dataset folder (from dvc.lock or `<root>.dvc`), else a listing hash."""
+    """The DVC content hash of the dataset folder (from dvc.lock or its `.dvc` file), else a listing hash."""
     lock = Path("dvc.lock")
     if lock.exists():
         for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
             for out in stage.get("outs", []):
                 if out.get("path") == root and "md5" in out:
                     return out["md5"].removesuffix(".dir")[:12]
-    dvcfile = Path(f"{root}.dvc")
-    if dvcfile.exists():
+    dvcfile = tracking_file(root)
+    if dvcfile is not None:
         return yaml.safe_load(dvcfile.read_text())["outs"][0]["md5"].removesuffix(".dir")[:12]
     h = hashlib.sha256()
     for p in sorted(Path(root).rglob("*")):
@@ -53,12 +74,13 @@ def data_version(root: str) -> str:
 
 
 def run(data: DataParams, push: bool = True) -> str:
-    """`dvc repro generate` for the embedded dataset (a no-op when up to date), else `dvc pull` of the data."""
-    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
-    if "generate" in stages:
-        _dvc("repro", "generate")
+    """Make data.root present at its DVC version: `dvc repro` of the stage that writes it (the embedded `generate`;
+    a no-op when up to date), else `dvc pull` of the `.dvc` file that `dvc add`/`dvc import-url` wrote."""
+    stage = producing_stage(data.root)
+    if stage:
+        _dvc("repro", stage)
     else:
-        _dvc("pull", data.root)
+        pull(data.root)
     if not Path(data.root).is_dir():
         raise FileNotFoundError(f"dataset {data.root} (params.yaml data.root) is not there after DVC: "
                                 "`dvc add` it or `dvc import-url` it, then commit the .dvc file")
@@ -67,6 +89,27 @@ def run(data: DataParams, push: bool = True) -> str:
     version = data_version(data.root)
     print(f"fetch: dataset {data.root} at data version {version}")
     return version
+
+
+def pull(root: str) -> None:
+    """`dvc pull` the dataset's `.dvc` file. A remote that cannot be reached is only a warning when the workspace
+    already holds exactly that version (`dvc status` clean): the data is there, the remote is not needed."""
+    dvcfile = tracking_file(root)
+    if dvcfile is None:
+        raise FileNotFoundError(
+            f"dataset {root} (params.yaml data.root) is not under DVC: no dvc.yaml stage writes it and there is no "
+            f"{root}.dvc. Bring it in with `dvc add <dataset> -o {root}` or `dvc import-url <url> {root}` "
+            "(README \"Real data\") and commit the .dvc file")
+    res = _dvc("pull", str(dvcfile), check=False)
+    if res.returncode == 0:
+        return
+    error = res.stderr.strip() or res.stdout.strip()
+    status = _dvc("status", "--json", str(dvcfile), check=False)
+    if Path(root).is_dir() and status.returncode == 0 and not json.loads(status.stdout or "{}"):
+        log.warning("dvc pull %s failed (%s); the workspace already holds this version, going on", dvcfile,
+                    error[-300:])
+        return
+    raise RuntimeError(f"`dvc pull {dvcfile}` failed and {root} is missing or differs from {dvcfile}: {error}")
 
 
 def push_data() -> bool:
