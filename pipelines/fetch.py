@@ -104,12 +104,18 @@ def pull(root: str) -> None:
     if res.returncode == 0:
         return
     error = res.stderr.strip() or res.stdout.strip()
-    status = _dvc("status", "--json", str(dvcfile), check=False)
-    if Path(root).is_dir() and status.returncode == 0 and not json.loads(status.stdout or "{}"):
+    if Path(root).is_dir() and _workspace_matches(dvcfile):
         log.warning("dvc pull %s failed (%s); the workspace already holds this version, going on", dvcfile,
                     error[-300:])
         return
     raise RuntimeError(f"`dvc pull {dvcfile}` failed and {root} is missing or differs from {dvcfile}: {error}")
+
+
+def _workspace_matches(dvcfile: Path) -> bool:
+    """`dvc status` finds the workspace's data and DVC's cache equal to what `dvcfile` records (with the cache gone
+    it says only "not in cache", whatever the workspace holds: that is no proof)."""
+    res = _dvc("status", "--json", str(dvcfile), check=False)
+    return res.returncode == 0 and not json.loads(res.stdout or "{}")
 
 
 def push_data() -> bool:
