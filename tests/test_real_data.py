@@ -14,7 +14,7 @@ tiny input); `split` keeps its defaults.
 There is no real leaderboard here: the stand-in is the local server with `--published-only`, which speaks only the
 published protocol and holds the test photos' labels, on the test's SeaweedFS (not the stack's). The stack (one for
 both cases) is started by the README's own `segpipe stack up`, without a leaderboard, as data.hidden_labels is empty.
-Both cases together: 4.5 min on 2 cores (2026-12; `dvc repro` ~70 s and the flow run ~37 s of each).
+Both cases together: 4.5 to 5 min on 2 busy cores (2026-12; of each case `dvc repro` ~70-95 s, the flow run ~30-40 s).
 """
 
 from __future__ import annotations
