@@ -20,6 +20,7 @@ from pipelines.results import AuditResult
 from segpipe.audit import MemberProbs, ensemble_oof, image_miou, pseudo_label, rank_images, worst_grid
 from segpipe.config import AuditParams, DataParams, parse_section, read_params
 from segpipe.datasets import load_index, read_image, read_mask
+from segpipe.probstore import Rows
 
 SIZE = 256      # every OOF figure of the infer stage is measured at the submission resolution; so is this one
 
@@ -39,13 +40,11 @@ def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Pa
             continue               # kept epochs vote through their best member's fold already
         mdir = infer_dir / "members" / name
         names = json.loads((mdir / "index.json").read_text())["oof_file_names"]
-        members.append(MemberProbs(d["model"], names, np.load(mdir / "oof.npy", mmap_mode="r")))
+        members.append(MemberProbs(d["model"], names, Rows(mdir / "oof.npy")))     # read an image at a time
     oof_names = sorted({n for m in members for n in m.names})
     nc, ignore = len(classes), data.ignore_index
 
     scores: dict[str, tuple[float, float, float]] = {}
-    preds: dict[str, np.ndarray] = {}
-    confident: dict[str, np.ndarray] = {}
     for name, probs in ensemble_oof(members, report["weights"], oof_names, SIZE):
         truth = cv2.resize(read_mask(by_name[name].mask), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
         pred = probs.argmax(0).astype(np.uint8)
@@ -53,10 +52,16 @@ def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Pa
         acc = float((pred[valid] == truth[valid]).mean()) if valid.any() else float("nan")
         sure = probs.max(0) >= params.relabel_threshold
         scores[name] = (image_miou(truth, pred, nc, ignore), acc, float(sure.mean()))
-        preds[name] = pred
-        confident[name] = pseudo_label(probs, params.relabel_threshold, ignore)
     ranked = rank_images(scores)
     rows = [asdict(r) for r in ranked]
+    # the worst images' predictions and confident labels, computed again for those few only: kept for every
+    # image they would grow with the training set (2 x 64 KiB per image)
+    preds: dict[str, np.ndarray] = {}
+    confident: dict[str, np.ndarray] = {}
+    worst_names = [r.file_name for r in ranked[: max(params.show, params.n)]]
+    for name, probs in ensemble_oof(members, report["weights"], worst_names, SIZE):
+        preds[name] = probs.argmax(0).astype(np.uint8)
+        confident[name] = pseudo_label(probs, params.relabel_threshold, ignore)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,14 +1,22 @@
-"""Stage `infer`: every member's TTA probabilities on its out-of-fold images and on the test set (float16, kept so
-ensembles can be recombined without the models), model weights searched on the OOF mIoU, the ensemble's test
-masks, a report, and the ablation rows (single model -> +flip -> +multi-scale -> fold -> multi-model ensemble)."""
+"""Stage `infer`: every member's TTA probabilities on its out-of-fold images and on the test set (kept so ensembles
+can be recombined without the models: uint8 at min(input size, 256), segpipe.probstore), model weights searched
+on the OOF mIoU, the ensemble's test masks, a report, and the ablation rows (single model -> +flip ->
++multi-scale -> fold -> multi-model ensemble).
+
+Everything runs a chunk of images at a time: images are decoded once per size into a scratch file and read back
+per chunk, each member's probabilities are written as they are predicted, and the ensemble, its weight search and
+its test vote read the members' files back chunk by chunk. What the process holds grows with the number of
+images (the OOF masks at 256 px, 64 KiB per image) but never with members x images.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -19,13 +27,15 @@ from pipelines.results import InferResult
 from segpipe.config import DataParams, InferParams, parse_section, read_params
 from segpipe.datasets import Sample, decode_all, load_index, read_mask
 from segpipe.engine import autocast_dtype, pick_device
-from segpipe.ensemble import (GroupStore, Member, WeightSearch, confusion_of, find_members, load_member,
-                              oof_miou_fn, score_probs, search_weights, sha256_file)
-from segpipe.metrics import MIoU
+from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, find_members, load_member,
+                              oof_miou_fn, search_weights, sha256_file)
+from segpipe.metrics import MIoU, confusion_matrix
+from segpipe.probstore import Rows, dequantise, npy_writer, stored_size, to_stored
 from segpipe.tta import SlidingWindow, predict_levels
 
 OUT_SIZE = 256   # the submission resolution (DESIGN.md); every OOF score is measured there too
-CHUNK = 16
+CHUNK = 16       # images per chunk for the ensemble's reads and the masks' writes
+DECODE_CHUNK = 64   # images decoded per thread-pool round (50 MB at 512 px)
 
 
 def tta_steps(params: InferParams) -> list[tuple[str, tuple[str, ...], tuple[float, ...]]]:
@@ -49,7 +59,10 @@ def member_dir(m: Member) -> Path:
 
 
 def read_masks(samples: list[Sample], size: int) -> np.ndarray:
-    return np.stack([cv2.resize(read_mask(s.mask), (size, size), interpolation=cv2.INTER_NEAREST) for s in samples])
+    out = np.empty((len(samples), size, size), np.uint8)
+    for i, s in enumerate(samples):
+        out[i] = cv2.resize(read_mask(s.mask), (size, size), interpolation=cv2.INTER_NEAREST)
+    return out
 
 
 def argmax_u8(probs_fn, n: int) -> np.ndarray:
@@ -58,20 +71,68 @@ def argmax_u8(probs_fn, n: int) -> np.ndarray:
                            for s in range(0, n, CHUNK)]) if n else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
 
 
-def _resized(probs: np.ndarray):
-    """rows -> float32 probabilities (n, C, 256, 256) of those rows."""
-    def fn(rows: slice) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(probs[rows])).float()
-        if t.shape[-1] == OUT_SIZE and t.shape[-2] == OUT_SIZE:
-            return t
-        return torch.nn.functional.interpolate(t, size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)
-    return fn
+def at_out_size(stored: np.ndarray) -> torch.Tensor:
+    """Stored probabilities (n, C, S, S) -> float32 (n, C, 256, 256): what every OOF figure is measured on."""
+    t = torch.from_numpy(dequantise(stored))
+    if t.shape[-1] == OUT_SIZE and t.shape[-2] == OUT_SIZE:
+        return t
+    return torch.nn.functional.interpolate(t, size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)
+
+
+class DecodedImages:
+    """Each image set decoded once per size into a scratch .npy under `work_dir` and read back chunk by chunk: the
+    members of a fold share its decoding (as an in-memory cache did), without a whole set ever in memory."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir, self.files = Path(work_dir), {}
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, kind: str, samples: list[Sample], size: int, chunk: int) -> Rows:
+        if (kind, size) not in self.files:
+            path = self.work_dir / f"{kind}-{size}.npy"
+            photos = [replace(s, mask=None) for s in samples]       # the masks are not needed here
+            with npy_writer(path, (len(photos), size, size, 3)) as w:
+                for start in range(0, len(photos), chunk):
+                    w.write(decode_all(photos[start:start + chunk], size, threads=os.cpu_count() or 1)[0])
+            self.files[(kind, size)] = Rows(path)
+        return self.files[(kind, size)]
+
+
+def stored_levels(model: torch.nn.Module, images: Rows, rows: np.ndarray, batch_size: int, device: torch.device,
+                  spec: list[tuple[tuple[str, ...], tuple[float, ...]]], size: int, first: Rows | None = None,
+                  **kw) -> Iterator[tuple[slice, list[np.ndarray]]]:
+    """Per chunk of `rows` (one batch of images): the slice and the cumulative TTA levels as they are stored,
+    (n, C, S, S) uint8 at S = stored_size(size).
+
+    `first`, when given, holds the plain level already as stored (the train stage's OOF predictions of the same
+    checkpoint): only the other steps run, and each level is the running mean with it (resizing is linear, so
+    mixing at S is mixing at full size, up to the quantisation of the plain level).
+    """
+    n_views = [len(v) * len(s) for v, s in spec]
+    for start in range(0, len(rows), batch_size):
+        sl = slice(start, start + batch_size)
+        x = images.read(rows[sl])
+        if first is None:
+            levels = [to_stored(lv, size) for lv in predict_levels(model, x, batch_size, device, spec, **kw)]
+        else:
+            plain = first.read(np.arange(len(rows))[sl])
+            rest = predict_levels(model, x, batch_size, device, spec[1:], **kw) if len(spec) > 1 else []
+            p0 = torch.from_numpy(dequantise(plain))
+            levels = [plain]
+            for k, lv in enumerate(rest, 1):
+                done = sum(n_views[1:k + 1])
+                t = torch.from_numpy(np.ascontiguousarray(lv)).float()
+                if t.shape[-1] != p0.shape[-1]:
+                    t = torch.nn.functional.interpolate(t, size=p0.shape[-2:], mode="bilinear", align_corners=False)
+                levels.append(to_stored((p0 * n_views[0] + t * done) / (n_views[0] + done), size))
+        yield sl, levels
 
 
 def run(data: DataParams, params: InferParams, validate_dir: Path, members_root: Path, out_dir: Path,
         round_: int = 0) -> InferResult:
-    """Write members/<member>/{oof,test}.npy (N, C, h, w) float16, test_probs.npy (N, C, 256, 256) float16,
-    test_masks.npy, test_index.json, report.{json,md}, metrics.json and ablation.json (+ ablation/*.npy masks)."""
+    """Write members/<member>/{oof,test}.npy (N, C, S, S) uint8 (S = min(prob size, 256), segpipe.probstore),
+    test_probs.npy (N, C, 256, 256) uint8, test_masks.npy, test_index.json, report.{json,md}, metrics.json and
+    ablation.json (+ ablation/*.npy masks)."""
     t_start = time.perf_counter()
     validate_dir, out_dir = Path(validate_dir), Path(out_dir)
     members = find_members(members_root, top_k=params.members == "top_k")
@@ -92,25 +153,21 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     configs = {m.name: torch.load(m.checkpoint, map_location="cpu", weights_only=False, mmap=True)["config"]
                for m in members}
     native = sw.image_size if sw.enabled else max(c["input_size"] for c in configs.values())
+    ens_size = stored_size(native)      # members of smaller sizes are resized up to it before voting
 
     # the single-model rows: per model, its first seed's best checkpoints (one per fold); the test row is one network
     single = {g: [m for m in members if m.group == g and m.epoch == "best"
                   and m.seed == min(x.seed for x in members if x.group == g)] for g in groups}
     row_member = {g: min(single[g], key=lambda m: m.fold).name for g in groups}
     level_metric = {g: [MIoU(nc, ignore) for _ in steps] for g in groups}
-    row_test: dict[str, list[np.ndarray]] = {}
-
-    @functools.lru_cache(maxsize=8)
-    def images(names: tuple[str, ...] | None, size: int) -> np.ndarray:
-        """An OOF fold's images (or the test set's, names=None), decoded once per size."""
-        samples = test if names is None else [by_name[n] for n in names]
-        return decode_all(samples, size, threads=os.cpu_count() or 1)[0]
+    row_test: dict[str, list[list[np.ndarray]]] = {}
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    oof_store = GroupStore(groups, all_oof, nc, native, tmp / ".work" / "oof", params.voting == "hard")
-    test_store = GroupStore(groups, test_names, nc, native, tmp / ".work" / "test", params.voting == "hard")
+    decoded = DecodedImages(tmp / ".work")
+    oof_files: list[StoredMember] = []
+    test_files: list[StoredMember] = []
     member_report: dict[str, dict] = {}
     t_predict = time.perf_counter()
     for m in members:
@@ -119,73 +176,98 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         size = cfg["input_size"]
         window = SlidingWindow(size, sw.overlap, sw.blend) if sw.enabled else None
         dsize = sw.image_size if sw.enabled else size
+        s = stored_size(dsize)
         kw = dict(channels_last=cfg.get("channels_last", False),
                   amp_dtype=autocast_dtype(device, cfg.get("amp", False)), window=window)
-        spec = [(v, s) for _, v, s in steps]
+        spec = [(v, sc) for _, v, sc in steps]
         names = oof_names[m.name]
-        stored = np.load(member_dir(m) / "oof.npz")["probs"] if m.epoch == "best" and not sw.enabled else None
-        # the train stage already predicted these images with this checkpoint, no TTA: that is the plain step
-        reuse = stored is not None and stored.shape == (len(names), len(classes), size, size)
-        levels = predict_levels(model, images(tuple(names), dsize), params.batch_size, device, spec, **kw,
-                                first=stored if reuse else None)
+        stored = Rows(member_dir(m) / "oof.npz", "probs") if m.epoch == "best" and not sw.enabled else None
+        # the train stage already predicted these images with this checkpoint, no TTA, and stored them as below:
+        # that is the plain step (an older float file, or one of another size, is predicted again)
+        reuse = stored is not None and stored.shape == (len(names), nc, s, s) and stored.dtype == np.uint8
         mdir = tmp / "members" / m.name
         mdir.mkdir(parents=True)
-        np.save(mdir / "oof.npy", levels[-1])
-        member_masks = masks[[row_of[n] for n in names]]
-        metric = score_probs(levels[-1], member_masks, nc, ignore)
-        oof_store.add(m.group, names, levels[-1])
-        if m in single[m.group]:
-            for k, lv in enumerate(levels):
-                level_metric[m.group][k].cm += score_probs(lv, member_masks, nc, ignore).cm
-        del levels
-        tl = predict_levels(model, images(None, dsize), params.batch_size, device, spec, **kw)
-        np.save(mdir / "test.npy", tl[-1])
-        test_store.add(m.group, test_names, tl[-1])
-        if m.name == row_member[m.group]:
-            row_test[m.group] = [argmax_u8(_resized(lv), len(test_names)) for lv in tl]
-        del tl, model
+        metric = MIoU(nc, ignore)
+        member_rows = np.array([row_of[n] for n in names], np.int64)
+        images = decoded.get("oof", [by_name[n] for n in all_oof], dsize, DECODE_CHUNK)
+        with npy_writer(mdir / "oof.npy", (len(names), nc, s, s)) as out:
+            for sl, levels in stored_levels(model, images, member_rows, params.batch_size, device, spec, dsize,
+                                            stored if reuse else None, **kw):
+                out.write(levels[-1])
+                truth = masks[member_rows[sl]]
+                metric.cm += confusion_matrix(truth, at_out_size(levels[-1]).argmax(1).numpy(), nc, ignore)
+                if m in single[m.group]:
+                    for k, lv in enumerate(levels):
+                        level_metric[m.group][k].cm += confusion_matrix(truth, at_out_size(lv).argmax(1).numpy(),
+                                                                        nc, ignore)
+        oof_files.append(StoredMember(m.group, names, mdir / "oof.npy"))
+        keep_rows = m.name == row_member[m.group]
+        per_level: list[list[np.ndarray]] = [[] for _ in steps]
+        images = decoded.get("test", test, dsize, DECODE_CHUNK)
+        with npy_writer(mdir / "test.npy", (len(test_names), nc, s, s)) as out:
+            for _, levels in stored_levels(model, images, np.arange(len(test_names)), params.batch_size, device,
+                                           spec, dsize, **kw):
+                out.write(levels[-1])
+                if keep_rows:
+                    for k, lv in enumerate(levels):
+                        per_level[k].append(at_out_size(lv).argmax(1).numpy().astype(np.uint8))
+        test_files.append(StoredMember(m.group, test_names, mdir / "test.npy"))
+        if keep_rows:
+            row_test[m.group] = [np.concatenate(lv) if lv else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
+                                 for lv in per_level]
+        del model
         member_report[m.name] = {"oof_miou": metric.value, "model": m.group, "seed": m.seed, "fold": m.fold,
                                  "epoch": m.epoch, "checkpoint": str(m.checkpoint),
                                  "checkpoint_sha256": sha256_file(m.checkpoint), "input_size": size,
-                                 "prob_size": dsize, "n_oof": len(names)}
+                                 "prob_size": dsize, "stored_size": s, "stored_dtype": "uint8", "n_oof": len(names)}
         write_json(mdir / "index.json", {"oof_file_names": names, "test_order": "test_index.json",
                                          **member_report[m.name]})
         print(f"infer r{round_}: {m.name} OOF mIoU {metric.value:.4f} ({len(names)} OOF + {len(test_names)} test "
-              f"images x {sum(len(v) * len(s) for _, v, s in steps)} views, {time.perf_counter() - t0:.1f} s)",
+              f"images x {sum(len(v) * len(sc) for _, v, sc in steps)} views, {time.perf_counter() - t0:.1f} s)",
               flush=True)
+    shutil.rmtree(tmp / ".work", ignore_errors=True)          # the decoded images: scratch
     t_predict = time.perf_counter() - t_predict
 
     t_search = time.perf_counter()
-    oof_store.check_complete(groups)
-    score_fn = oof_miou_fn(oof_store, masks, nc, ignore)            # at 256, like every reported figure
-    group_oof = {g: score_fn({g: 1.0}) for g in groups}
+    hard = params.voting == "hard"
+    oof_ens = StoredEnsemble(oof_files, all_oof, nc, ens_size, hard, CHUNK)
+    oof_ens.check_complete(groups)
+    score_fn = oof_miou_fn(oof_ens, masks, ignore)                  # at 256, like every reported figure
     equal = {g: 1.0 for g in groups}
-    uniform = score_fn(equal) if len(groups) > 1 else group_oof[groups[0]]
-    search_size = native
+    # every model alone and the equal weighting: one pass over the files
+    first_scores = score_fn([{g: 1.0} for g in groups] + ([equal] if len(groups) > 1 else []))
+    group_oof = dict(zip(groups, first_scores))
+    uniform = first_scores[-1]
+    search_size = ens_size
     if params.weight_search and len(groups) > 1:
-        # the search scores many weightings: at the members' own resolution (a quarter of 256's pixels on the
+        # the search scores many weightings: at the members' stored resolution (a quarter of 256's pixels on the
         # demo; upsampling moves the argmax only along edges); the chosen one is then scored at 256
-        search_masks = read_masks([by_name[n] for n in all_oof], native) if native != OUT_SIZE else masks
-        search = search_weights(oof_miou_fn(oof_store, search_masks, nc, ignore), groups, params.weight_grid)
+        search_masks = read_masks([by_name[n] for n in all_oof], ens_size) if ens_size != OUT_SIZE else masks
+        search = search_weights(oof_miou_fn(oof_ens, search_masks, ignore), groups, params.weight_grid)
+        del search_masks
     else:
         search = WeightSearch(equal, uniform, uniform, [{"weights": equal, "oof_miou": uniform}])
         search_size = OUT_SIZE
     weights = search.weights
     ens = MIoU(nc, ignore)
-    ens.cm += confusion_of(lambda r: oof_store.ensemble(weights, r, OUT_SIZE), masks, nc, ignore)
+    ens.cm += oof_ens.confusions([weights], masks, ignore)[0]
     t_search = time.perf_counter() - t_search
 
-    chunks = [test_store.ensemble(weights, slice(s, s + CHUNK), OUT_SIZE) for s in range(0, len(test_names), CHUNK)]
-    np.save(tmp / "test_probs.npy", np.concatenate([c.half().numpy() for c in chunks]))
-    # masks from the float32 vote: float16 rounding would flip near-ties, and the fold-ensemble row's masks (same
-    # weights, one model) must be the very same file
-    np.save(tmp / "test_masks.npy", np.concatenate([c.argmax(1).numpy().astype(np.uint8) for c in chunks]))
-    del chunks
+    test_ens = StoredEnsemble(test_files, test_names, nc, ens_size, hard, CHUNK)
+    shape = (len(test_names), nc, OUT_SIZE, OUT_SIZE)
+    with npy_writer(tmp / "test_probs.npy", shape) as probs_out, \
+            npy_writer(tmp / "test_masks.npy", (len(test_names), OUT_SIZE, OUT_SIZE)) as masks_out:
+        for rows in test_ens.chunks():
+            c = test_ens.ensemble(weights, rows, OUT_SIZE)
+            probs_out.write(to_stored(c, OUT_SIZE))
+            # masks from the float32 vote: rounding would flip near-ties, and the fold-ensemble row's masks (same
+            # weights, one model) must be the very same file
+            masks_out.write(c.argmax(1).numpy().astype(np.uint8))
     write_json(tmp / "test_index.json", {"file_names": test_names})
 
     single_rows = {g: {name: level_metric[g][k].value for k, (name, _, _) in enumerate(steps)} for g in groups}
     rows = ablation_rows(params, round_, steps, groups, members, single_rows, row_member, row_test, group_oof,
-                         weights, ens, test_store, len(test_names), tmp)
+                         weights, ens, test_ens, len(test_names), tmp)
     write_json(tmp / "ablation.json", rows)
     report = {
         "round": round_, "members": {k: v["oof_miou"] for k, v in member_report.items()},
@@ -201,9 +283,6 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         "seconds": {"predict": round(t_predict, 1), "weight_search": round(t_search, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
     }
-    oof_store.close()
-    test_store.close()
-    shutil.rmtree(tmp / ".work", ignore_errors=True)
     write_json(tmp / "report.json", report)
     write_json(tmp / "metrics.json", {"oof_miou": ens.value, "uniform_oof_miou": uniform,
                                       **{f"model/{g}": v for g, v in group_oof.items()},
@@ -221,7 +300,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
 def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], members: list[Member],
                   single_rows: dict[str, dict[str, float]], row_member: dict[str, str],
                   row_test: dict[str, list[np.ndarray]], group_oof: dict[str, float], weights: dict[str, float],
-                  ens: MIoU, test_store: GroupStore, n_test: int, out: Path) -> list[dict]:
+                  ens: MIoU, test_store: StoredEnsemble, n_test: int, out: Path) -> list[dict]:
     """One row per step that the ablation report shows; each with its OOF mIoU and the test masks it would submit."""
     final = {"oof_miou": ens.value, "masks": "test_masks.npy"}
     if round_ > 0:

@@ -18,6 +18,7 @@ from pipelines.fetch import data_version
 from pipelines.results import PseudoResult
 from segpipe.config import DataParams, PseudoParams, parse_section, read_params
 from segpipe.ensemble import sha256_file
+from segpipe.probstore import Rows
 from segpipe.pseudo import class_thresholds, make_pseudo_labels, unknown_index
 
 
@@ -28,7 +29,7 @@ def run(data: DataParams, params: PseudoParams, validate_dir: Path, infer_dir: P
     for need in ("test_probs.npy", "test_index.json", "report.json"):
         if not (infer_dir / need).is_file():
             raise FileNotFoundError(f"{infer_dir / need} not found: run the infer stage of round {round_ - 1} first")
-    probs = np.load(infer_dir / "test_probs.npy", mmap_mode="r")
+    probs = Rows(infer_dir / "test_probs.npy")         # read a chunk of images at a time
     names = json.loads((infer_dir / "test_index.json").read_text())["file_names"]
     report = json.loads((infer_dir / "report.json").read_text())
     classes = list(data.classes)

@@ -22,6 +22,7 @@ from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index
 from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
+from segpipe.probstore import npz_writer, stored_size, to_stored
 from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError,
                              sha256_file)
 
@@ -33,7 +34,8 @@ log = logging.getLogger("pipelines.train")
 # the code that decides trained weights: part of the content key, so a code change retrains
 CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
               "segpipe/outputs.py", "segpipe/losses.py",
-              "segpipe/photos.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py")
+              "segpipe/photos.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py",
+              "segpipe/probstore.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -381,20 +383,24 @@ def run(
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
                          data.ignore_index, resume_dir, resolved, on_checkpoint=push, desc=key)
 
-    # out-of-fold probabilities of the kept weights, float16, for ensembling and weight search
     best = torch.load(resume_dir / "best.pt", map_location="cpu", weights_only=False)
     net.load_state_dict(best["model"])
     device = pick_device()
-    oof = predict_probs(net.to(device), va_img, params.batch_size, device, (), params.channels_last,
-                        autocast_dtype(device, params.amp))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # out-of-fold probabilities of the kept weights for ensembling and weight search, as segpipe.probstore keeps
+    # them (uint8 at min(size, 256)), written a batch at a time: the fold's probabilities are never all in memory
+    s, bs = stored_size(size), params.batch_size
+    with npz_writer(tmp / "oof.npz", "probs", (len(val_s), len(classes), s, s),
+                    file_names=np.array([v.file_name for v in val_s])) as oof:
+        for start in range(0, len(va_img), bs):
+            oof.write(to_stored(predict_probs(net.to(device), va_img[start:start + bs], bs, device, (),
+                                              params.channels_last, autocast_dtype(device, params.amp)), size))
     shutil.copy2(resume_dir / "best.pt", tmp / "best.pt")
     for t in result.top_k:
         (tmp / "top_k").mkdir(exist_ok=True)
         shutil.copy2(resume_dir / t["file"], tmp / "top_k" / t["file"])
-    np.savez(tmp / "oof.npz", probs=oof, file_names=np.array([s.file_name for s in val_s]))
     write_json(tmp / "metrics.json", {
         "key": key, "best_miou": result.best_miou, "best_epoch": result.best_epoch, "best_source": result.best_source,
         "swa_miou": result.swa_miou, "top_k": result.top_k, "per_class_iou": result.per_class,

@@ -20,11 +20,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from segpipe.eda import overlay  # noqa: E402
 from segpipe.metrics import confusion_matrix, miou  # noqa: E402
+from segpipe.probstore import dequantise  # noqa: E402
 
 
 @dataclass(frozen=True)
 class MemberProbs:
-    """One member's OOF probabilities: probs (n, C, h, w) (float16, memory-mapped) for `names`, in `group`."""
+    """One member's OOF probabilities for `names`, in `group`: probs (n, C, h, w), indexed one image at a time (the
+    stored file's rows, segpipe.probstore.Rows: uint8 read as q / 255; or any array)."""
 
     group: str
     names: list[str]
@@ -48,7 +50,7 @@ def ensemble_oof(members: Sequence[MemberProbs], weights: dict[str, float], name
             raise KeyError(f"image {name} has no out-of-fold prediction: is every fold trained (train.folds)?")
         per_group: dict[str, list[torch.Tensor]] = {}
         for m, row in where[name]:
-            t = torch.from_numpy(np.asarray(m.probs[row], np.float32))[None]
+            t = torch.from_numpy(dequantise(m.probs[row]))[None]
             if t.shape[-1] != size or t.shape[-2] != size:
                 t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
             per_group.setdefault(m.group, []).append(t[0])

@@ -7,6 +7,10 @@ test set every member holds every image. Both voting kinds decompose that way:
 
     soft:  sum_g w_g * mean_{m in g} p_m                     / sum_g w_g
     hard:  sum_g w_g * mean_{m in g} onehot(argmax p_m)      / sum_g w_g   (ties broken by the soft vote)
+
+The members' probabilities are read from the files they are stored in (segpipe.probstore: uint8 at
+min(input size, 256)), a chunk of images at a time, and resized to the largest member's stored size before
+voting; nothing holds the whole set (see StoredEnsemble).
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from segpipe.metrics import MIoU, confusion_matrix, miou
 from segpipe.models import build_from_spec
+from segpipe.probstore import Rows, dequantise
 
 MEMBER_DIR = re.compile(r"^(?P<model>.+)-s(?P<seed>\d+)-f(?P<fold>\d+)$")   # pipelines.train.task_key
 TIE_BREAK = 1e-4     # share of the soft vote added to hard votes: decides ties, never outvotes a member
@@ -122,61 +126,110 @@ def weighted_vote(soft: Sequence[torch.Tensor], weights: Sequence[float],
     return (v + TIE_BREAK * s) / (1 + TIE_BREAK)
 
 
-class GroupStore:
-    """Per group, the running sum of its members' probabilities (and hard votes) on each image, at one size.
+@dataclass(frozen=True)
+class StoredMember:
+    """One member's stored probabilities: rows of `path` (a .npy, or `key` inside an .npz) are `names`' images."""
 
-    Arrays are memory-mapped files under `work_dir`, so a competition-sized OOF set (3,300 images x 11 classes)
-    never has to fit in memory; `mean(group, rows)` reads only the rows asked for.
+    group: str                      # the weight group: the train.models key
+    names: list[str]
+    path: Path
+    key: str | None = None
+
+
+class StoredEnsemble:
+    """The groups' (models') votes on a set of images, read chunk by chunk from the members' stored files.
+
+    Nothing is accumulated over the whole set: `means(rows)` reads only those rows of every member that holds them
+    (segpipe.probstore.Rows: plain reads), resizes them to `size` and averages them per group, so memory is
+    bounded by chunk x groups x C x size^2 whatever the number of images or members. `confusions` scores any
+    number of weightings in one pass over the files, which is what makes the weight search affordable.
     """
 
-    def __init__(self, groups: Sequence[str], names: Sequence[str], num_classes: int, size: int, work_dir: Path,
-                 hard: bool = False):
-        self.groups, self.names, self.size, self.hard = list(groups), list(names), size, hard
-        self.row = {n: i for i, n in enumerate(self.names)}
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        shape = (len(self.names), num_classes, size, size)
-        self.soft = {g: self._array(f"{i}.soft.npy", shape) for i, g in enumerate(self.groups)}
-        self.votes = {g: self._array(f"{i}.votes.npy", shape) for i, g in enumerate(self.groups)} if hard else {}
+    def __init__(self, members: Sequence[StoredMember], names: Sequence[str], num_classes: int, size: int,
+                 hard: bool = False, chunk: int = 16):
+        self.names, self.size, self.hard, self.chunk, self.num_classes = list(names), size, hard, chunk, num_classes
+        row = {n: i for i, n in enumerate(self.names)}
+        self.groups = sorted({m.group for m in members})
+        self.members: list[tuple[StoredMember, Rows, np.ndarray]] = []
         self.count = {g: np.zeros(len(self.names), np.int64) for g in self.groups}
+        for m in members:
+            rows = Rows(m.path, m.key)
+            if len(rows) != len(m.names) or rows.shape[1] != num_classes:
+                raise ValueError(f"{m.path} holds {rows.shape} probabilities, expected ({len(m.names)}, "
+                                 f"{num_classes}, ...): written by another run? Run the stage that wrote it again")
+            local = np.full(len(self.names), -1, np.int64)      # global row -> the member's row (-1: not held)
+            held = [(row[n], i) for i, n in enumerate(m.names) if n in row]
+            if held:
+                g_rows, m_rows = map(np.array, zip(*held))
+                local[g_rows] = m_rows
+            self.members.append((m, rows, local))
+            self.count[m.group] += local >= 0
 
-    def _array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.lib.format.open_memmap(self.work_dir / name, mode="w+", dtype=np.float32, shape=shape)  # zeros
-
-    def add(self, group: str, names: Sequence[str], probs: np.ndarray, chunk: int = 32) -> None:
-        """Add one member's probabilities (n, C, h, w) for `names` (any size; resized to the store's)."""
-        rows = np.array([self.row[n] for n in names])
-        for start in range(0, len(rows), chunk):
-            r = rows[start:start + chunk]
-            p = _resize_t(_as_tensor(probs[start:start + chunk]), self.size)
-            self.soft[group][r] += p.numpy()
-            if self.hard:
-                self.votes[group][r] += one_hot_votes(p).numpy()
-            self.count[group][r] += 1
+    def __len__(self) -> int:
+        return len(self.names)
 
     def check_complete(self, groups: Sequence[str]) -> None:
         for g in groups:
-            missing = [self.names[i] for i in np.flatnonzero(self.count[g] == 0)]
+            missing = [self.names[i] for i in np.flatnonzero(self.count.get(g, np.zeros(len(self), np.int64)) == 0)]
             if missing:
                 raise ValueError(f"model {g!r} has no prediction for {len(missing)} image(s) (e.g. {missing[0]}): "
                                  "every model must be trained on the same folds (train.folds)")
 
-    def mean(self, group: str, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = torch.from_numpy(self.count[group][rows].astype(np.float32)).clamp_min(1).view(-1, 1, 1, 1)
-        soft = torch.from_numpy(np.asarray(self.soft[group][rows])) / n
-        return soft, (torch.from_numpy(np.asarray(self.votes[group][rows])) / n if self.hard else None)
+    def means(self, rows: slice, groups: Sequence[str] | None = None
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group, its members' mean probabilities (n, C, size, size) float32 on the images in `rows` (and
+        their mean one-hot votes with `hard`)."""
+        idx = np.arange(len(self.names))[rows]
+        shape = (len(idx), self.num_classes, self.size, self.size)
+        wanted = self.groups if groups is None else list(groups)
+        soft = {g: torch.zeros(shape) for g in wanted}
+        votes = {g: torch.zeros(shape) for g in wanted} if self.hard else {}
+        for m, stored, local in self.members:
+            if m.group not in soft:
+                continue
+            sel = local[idx]
+            have = np.flatnonzero(sel >= 0)
+            if not len(have):
+                continue
+            p = _resize_t(torch.from_numpy(dequantise(stored.read(sel[have]))), self.size)
+            at = torch.from_numpy(have)
+            soft[m.group].index_add_(0, at, p)
+            if self.hard:
+                votes[m.group].index_add_(0, at, one_hot_votes(p))
+        out = {}
+        for g in wanted:
+            n = torch.from_numpy(self.count[g][idx].astype(np.float32)).clamp_min(1).view(-1, 1, 1, 1)
+            out[g] = (soft[g] / n, votes[g] / n if self.hard else None)
+        return out
+
+    def vote(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]], weights: dict[str, float],
+             out_size: int | None = None) -> torch.Tensor:
+        """The weighted vote (n, C, out_size, out_size) float32 of `means()`' output."""
+        used = [g for g in self.groups if weights.get(g, 0) > 0]
+        p = weighted_vote([parts[g][0] for g in used], [weights[g] for g in used],
+                          [parts[g][1] for g in used] if self.hard else None)
+        return _resize_t(p, out_size) if out_size else p
 
     def ensemble(self, weights: dict[str, float], rows: slice, out_size: int | None = None) -> torch.Tensor:
         """The weighted vote (n, C, out_size, out_size) float32 for the images in `rows`."""
         used = [g for g in self.groups if weights.get(g, 0) > 0]
-        parts = [self.mean(g, rows) for g in used]
-        p = weighted_vote([s for s, _ in parts], [weights[g] for g in used],
-                          [v for _, v in parts] if self.hard else None)
-        return _resize_t(p, out_size) if out_size else p
+        return self.vote(self.means(rows, used), weights, out_size)
 
-    def close(self) -> None:
-        self.soft, self.votes = {}, {}
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+    def chunks(self) -> Iterator[slice]:
+        return (slice(s, s + self.chunk) for s in range(0, len(self.names), self.chunk))
+
+    def confusions(self, weightings: Sequence[dict[str, float]], masks: np.ndarray, ignore_index: int
+                   ) -> list[np.ndarray]:
+        """One confusion matrix over the whole set per weighting: the argmax of its vote, resized to the masks'
+        size (N, S, S), against the masks; every chunk of the files is read once for all of them."""
+        cms = [np.zeros((self.num_classes, self.num_classes), np.int64) for _ in weightings]
+        used = [g for g in self.groups if any(w.get(g, 0) > 0 for w in weightings)]
+        for rows in self.chunks():
+            parts = self.means(rows, used)
+            for cm, w in zip(cms, weightings):
+                pred = self.vote(parts, w, masks.shape[-1]).argmax(1).numpy()
+                cm += confusion_matrix(masks[rows], pred, self.num_classes, ignore_index)
+        return cms
 
 
 def confusion_of(probs_fn: Callable[[slice], torch.Tensor], masks: np.ndarray, num_classes: int, ignore_index: int,
@@ -211,36 +264,42 @@ class WeightSearch:
     evaluations: list[dict]          # every weighting tried, with its OOF mIoU, in order
 
 
-def search_weights(score_fn: Callable[[dict[str, float]], float], groups: Sequence[str],
+def search_weights(score_many: Callable[[list[dict[str, float]]], list[float]], groups: Sequence[str],
                    grid: Sequence[float], max_sweeps: int = 3) -> WeightSearch:
     """Coordinate ascent over per-group weights on the OOF mIoU, from equal weights.
 
     Each sweep tries every grid value for one group at a time, keeping the others, and moves only on a strict
     improvement, so the result is never worse on OOF than equal weights. Only OOF scores are ever looked at.
+    `score_many` scores a list of weightings at once: one group's grid values do not depend on each other's
+    scores, so they are asked for together (one pass over the stored probabilities) and then taken in grid order,
+    which moves exactly as trying them one by one would.
     """
     w = {g: 1.0 for g in groups}
     cache: dict[tuple, float] = {}
     trace: list[dict] = []
 
-    def evaluate(cand: dict[str, float]) -> float:
+    def key(cand: dict[str, float]) -> tuple:
         total = sum(cand.values())
-        key = tuple(round(cand[g] / total, 6) for g in groups)      # (1, .5) and (2, 1) are one weighting
-        if key not in cache:
-            cache[key] = score_fn(cand)
-            trace.append({"weights": dict(cand), "oof_miou": cache[key]})
-        return cache[key]
+        return tuple(round(cand[g] / total, 6) for g in groups)      # (1, .5) and (2, 1) are one weighting
 
-    best = uniform = evaluate(w)
+    def evaluate(cands: list[dict[str, float]]) -> list[float]:
+        new: dict[tuple, dict[str, float]] = {}
+        for c in cands:
+            if key(c) not in cache:
+                new.setdefault(key(c), c)
+        for (k, c), s in zip(new.items(), score_many(list(new.values())) if new else []):
+            cache[k] = s
+            trace.append({"weights": dict(c), "oof_miou": s})
+        return [cache[key(c)] for c in cands]
+
+    best = uniform = evaluate([w])[0]
     if len(groups) < 2:
         return WeightSearch(w, best, uniform, trace)
     for _ in range(max_sweeps):
         moved = False
         for g in groups:
-            for v in grid:
-                cand = {**w, g: float(v)}
-                if v == w[g] or sum(cand.values()) <= 0:
-                    continue
-                s = evaluate(cand)
+            cands = [c for v in grid if v != w[g] and sum((c := {**w, g: float(v)}).values()) > 0]
+            for cand, s in zip(cands, evaluate(cands)):
                 if s > best + 1e-9:
                     best, w, moved = s, cand, True
         if not moved:
@@ -248,10 +307,9 @@ def search_weights(score_fn: Callable[[dict[str, float]], float], groups: Sequen
     return WeightSearch(w, best, uniform, trace)
 
 
-def oof_miou_fn(store: GroupStore, masks: np.ndarray, num_classes: int, ignore_index: int
-                ) -> Callable[[dict[str, float]], float]:
-    """weights -> the OOF mIoU of that weighting (one confusion matrix over every OOF image)."""
-    def fn(weights: dict[str, float]) -> float:
-        return miou(confusion_of(lambda r: store.ensemble(weights, r, masks.shape[-1]), masks, num_classes,
-                                 ignore_index))
+def oof_miou_fn(ens: StoredEnsemble, masks: np.ndarray, ignore_index: int
+                ) -> Callable[[list[dict[str, float]]], list[float]]:
+    """weightings -> the OOF mIoU of each (one confusion matrix over every OOF image), all from one pass."""
+    def fn(weightings: list[dict[str, float]]) -> list[float]:
+        return [miou(cm) for cm in ens.confusions(weightings, masks, ignore_index)]
     return fn

@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from segpipe.probstore import dequantise
+
 
 @dataclass(frozen=True)
 class PseudoSet:
@@ -39,16 +41,17 @@ def make_pseudo_labels(probs: np.ndarray, threshold: float | np.ndarray, min_con
     becomes `ignore_index`, or `unsure_label` (the UNKNOWN class: "not confident about any known class").
 
     Images whose confident share is below `min_confident_fraction` are dropped: a mostly-ignored image adds
-    little signal and its few confident pixels are the easy ones. Works chunk by chunk on a memory map.
+    little signal and its few confident pixels are the easy ones. Works chunk by chunk on anything that slices
+    into arrays: an array, or the stored file's rows (segpipe.probstore.Rows; uint8 is read as q / 255).
     """
     n, c = probs.shape[:2]
     thresholds = np.broadcast_to(np.asarray(threshold, np.float32), (c,)).copy()
     labels = np.empty((n, *probs.shape[2:]), np.uint8)
     fraction = np.empty(n, np.float64)
     for start in range(0, n, chunk):
-        p = np.asarray(probs[start:start + chunk])
+        p = dequantise(probs[start:start + chunk])
         lab = p.argmax(1)
-        unsure = p.max(1).astype(np.float32) < thresholds[lab]
+        unsure = p.max(1) < thresholds[lab]
         if unsure_label is not None:
             unsure |= lab == unsure_label            # UNKNOWN itself is never a confident known class
         lab = lab.astype(np.uint8)

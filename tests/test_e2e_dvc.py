@@ -40,7 +40,7 @@ def test_dvc_repro_runs_chain_then_nothing_then_only_dependants(tmp_path):
     assert len(lines[1].split(",", 1)[1].split(" ")) == 256 * 256
     assert json.loads((project / "artifacts/submit/result.json").read_text())["status"] == "dry-run"
     assert "ensemble_oof_miou" in json.loads((project / "artifacts/infer/r1/report.json").read_text())
-    assert np.load(project / "artifacts/infer/r0/members/fpn_mbv2-s0-f1/oof.npy").dtype == np.float16
+    assert np.load(project / "artifacts/infer/r0/members/fpn_mbv2-s0-f1/oof.npy").dtype == np.uint8   # probstore
 
     # the ablation rows are a DVC metric (OOF only: dvc repro never submits)
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))

@@ -79,8 +79,8 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
         assert 0.0 <= r.best_miou <= 1.0
     out = tmp_path / "train" / "unet_r18-s0-f0"
     oof = np.load(out / "oof.npz")
-    assert oof["probs"].dtype == np.float16 and oof["probs"].shape == (8, 3, 32, 32)
-    np.testing.assert_allclose(oof["probs"].astype(np.float32).sum(1), 1.0, atol=2e-2)
+    assert oof["probs"].dtype == np.uint8 and oof["probs"].shape == (8, 3, 32, 32)   # segpipe.probstore: q = p x 255
+    np.testing.assert_allclose(oof["probs"].astype(np.float32).sum(1) / 255, 1.0, atol=2e-2)
     assert not (tmp_path / "train" / ".resume" / "unet_r18-s0-f0").exists()   # resume state cleaned after success
 
     # round 0: every member's TTA probabilities on its OOF images and the test set, weights, ablation rows
@@ -88,7 +88,7 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
     r0 = infer.run(DATA, iparams, vdir, tmp_path / "train", tmp_path / "infer" / "r0", round_=0)
     for m in ("unet_r18-s0-f0", "unet_r18-s0-f1"):
         mdir = tmp_path / "infer" / "r0" / "members" / m
-        assert np.load(mdir / "oof.npy").shape == (8, 3, 32, 32) and np.load(mdir / "test.npy").dtype == np.float16
+        assert np.load(mdir / "oof.npy").shape == (8, 3, 32, 32) and np.load(mdir / "test.npy").dtype == np.uint8
     rows = json.loads((tmp_path / "infer" / "r0" / "ablation.json").read_text())
     assert [r["step"] for r in rows] == ["single", "flip_tta", "multiscale_tta", "fold_ensemble", "model_ensemble"]
     assert rows[-1]["oof_miou"] == r0.oof_miou and rows[3]["oof_miou"] == pytest.approx(rows[2]["oof_miou"], abs=1e-6)
