@@ -3,10 +3,11 @@ can be recombined without the models: uint8 at min(input size, 256), segpipe.pro
 on the OOF mIoU, the ensemble's test masks, a report, and the ablation rows (single model -> +flip ->
 +multi-scale -> fold -> multi-model ensemble).
 
-Everything runs a chunk of images at a time: images are decoded once per size into a scratch file and read back
-per chunk, each member's probabilities are written as they are predicted, and the ensemble, its weight search and
-its test vote read the members' files back chunk by chunk. What the process holds grows with the number of
-images (the OOF masks at 256 px, 64 KiB per image) but never with members x images.
+Everything runs a chunk of images at a time: images and label masks are decoded once per size into scratch files
+and read back per chunk, each member's probabilities are written as they are predicted, and the ensemble, its weight
+search and its test vote read the members' files back chunk by chunk. What the process holds is a few chunks (and
+the model), plus a few bytes per image of names and counts: it does not grow with members x images, nor with the
+images' pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -59,16 +61,15 @@ def member_dir(m: Member) -> Path:
 
 
 def read_masks(samples: list[Sample], size: int) -> np.ndarray:
-    out = np.empty((len(samples), size, size), np.uint8)
-    for i, s in enumerate(samples):
-        out[i] = cv2.resize(read_mask(s.mask), (size, size), interpolation=cv2.INTER_NEAREST)
-    return out
+    return np.stack([cv2.resize(read_mask(s.mask), (size, size), interpolation=cv2.INTER_NEAREST) for s in samples])
 
 
-def argmax_u8(probs_fn, n: int) -> np.ndarray:
-    """uint8 masks (n, 256, 256) from a chunked probability function."""
-    return np.concatenate([probs_fn(slice(s, s + CHUNK)).argmax(1).numpy().astype(np.uint8)
-                           for s in range(0, n, CHUNK)]) if n else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
+def mask_file(samples: list[Sample], size: int, path: Path) -> Rows:
+    """The label masks (N, size, size) uint8 in a scratch .npy, read back a chunk at a time."""
+    with npy_writer(path, (len(samples), size, size)) as w:
+        for start in range(0, len(samples), DECODE_CHUNK):
+            w.write(read_masks(samples[start:start + DECODE_CHUNK], size).reshape(-1, size, size))
+    return Rows(path)
 
 
 def at_out_size(stored: np.ndarray) -> torch.Tensor:
@@ -146,7 +147,10 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
 
     oof_names = {m.name: [str(n) for n in np.load(member_dir(m) / "oof.npz")["file_names"]] for m in members}
     all_oof = sorted(set().union(*oof_names.values()))
-    masks = read_masks([by_name[n] for n in all_oof], OUT_SIZE)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ".scratch").mkdir(parents=True)
+    masks = mask_file([by_name[n] for n in all_oof], OUT_SIZE, tmp / ".scratch" / f"masks-{OUT_SIZE}.npy")
     row_of = {n: i for i, n in enumerate(all_oof)}
     groups = sorted({m.group for m in members})
     # mmap: only the config is read here, not every member's weights
@@ -160,11 +164,8 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
                   and m.seed == min(x.seed for x in members if x.group == g)] for g in groups}
     row_member = {g: min(single[g], key=lambda m: m.fold).name for g in groups}
     level_metric = {g: [MIoU(nc, ignore) for _ in steps] for g in groups}
-    row_test: dict[str, list[list[np.ndarray]]] = {}
+    row_test: dict[str, list[Path]] = {}      # per model: its single-network test masks per TTA level (files)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     decoded = DecodedImages(tmp / ".work")
     oof_files: list[StoredMember] = []
     test_files: list[StoredMember] = []
@@ -194,7 +195,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
             for sl, levels in stored_levels(model, images, member_rows, params.batch_size, device, spec, dsize,
                                             stored if reuse else None, **kw):
                 out.write(levels[-1])
-                truth = masks[member_rows[sl]]
+                truth = masks.read(member_rows[sl])
                 metric.cm += confusion_matrix(truth, at_out_size(levels[-1]).argmax(1).numpy(), nc, ignore)
                 if m in single[m.group]:
                     for k, lv in enumerate(levels):
@@ -202,19 +203,20 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
                                                                         nc, ignore)
         oof_files.append(StoredMember(m.group, names, mdir / "oof.npy"))
         keep_rows = m.name == row_member[m.group]
-        per_level: list[list[np.ndarray]] = [[] for _ in steps]
         images = decoded.get("test", test, dsize, DECODE_CHUNK)
-        with npy_writer(mdir / "test.npy", (len(test_names), nc, s, s)) as out:
+        with ExitStack() as files:
+            out = files.enter_context(npy_writer(mdir / "test.npy", (len(test_names), nc, s, s)))
+            if keep_rows:       # the ablation's single-network rows: this member's test masks at every TTA level
+                row_test[m.group] = [tmp / ".scratch" / f"{m.group}-{name}.npy" for name, _, _ in steps]
+                level_out = [files.enter_context(npy_writer(f, (len(test_names), OUT_SIZE, OUT_SIZE)))
+                             for f in row_test[m.group]]
             for _, levels in stored_levels(model, images, np.arange(len(test_names)), params.batch_size, device,
                                            spec, dsize, **kw):
                 out.write(levels[-1])
                 if keep_rows:
-                    for k, lv in enumerate(levels):
-                        per_level[k].append(at_out_size(lv).argmax(1).numpy().astype(np.uint8))
+                    for lv, w in zip(levels, level_out):
+                        w.write(at_out_size(lv).argmax(1).numpy().astype(np.uint8))
         test_files.append(StoredMember(m.group, test_names, mdir / "test.npy"))
-        if keep_rows:
-            row_test[m.group] = [np.concatenate(lv) if lv else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
-                                 for lv in per_level]
         del model
         member_report[m.name] = {"oof_miou": metric.value, "model": m.group, "seed": m.seed, "fold": m.fold,
                                  "epoch": m.epoch, "checkpoint": str(m.checkpoint),
@@ -242,9 +244,9 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     if params.weight_search and len(groups) > 1:
         # the search scores many weightings: at the members' stored resolution (a quarter of 256's pixels on the
         # demo; upsampling moves the argmax only along edges); the chosen one is then scored at 256
-        search_masks = read_masks([by_name[n] for n in all_oof], ens_size) if ens_size != OUT_SIZE else masks
+        search_masks = (mask_file([by_name[n] for n in all_oof], ens_size, tmp / ".scratch" / f"masks-{ens_size}.npy")
+                        if ens_size != OUT_SIZE else masks)
         search = search_weights(oof_miou_fn(oof_ens, search_masks, ignore), groups, params.weight_grid)
-        del search_masks
     else:
         search = WeightSearch(equal, uniform, uniform, [{"weights": equal, "oof_miou": uniform}])
         search_size = OUT_SIZE
@@ -283,6 +285,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         "seconds": {"predict": round(t_predict, 1), "weight_search": round(t_search, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
     }
+    shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     write_json(tmp / "report.json", report)
     write_json(tmp / "metrics.json", {"oof_miou": ens.value, "uniform_oof_miou": uniform,
                                       **{f"model/{g}": v for g, v in group_oof.items()},
@@ -299,7 +302,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
 
 def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], members: list[Member],
                   single_rows: dict[str, dict[str, float]], row_member: dict[str, str],
-                  row_test: dict[str, list[np.ndarray]], group_oof: dict[str, float], weights: dict[str, float],
+                  row_test: dict[str, list[Path]], group_oof: dict[str, float], weights: dict[str, float],
                   ens: MIoU, test_store: StoredEnsemble, n_test: int, out: Path) -> list[dict]:
     """One row per step that the ablation report shows; each with its OOF mIoU and the test masks it would submit."""
     final = {"oof_miou": ens.value, "masks": "test_masks.npy"}
@@ -315,10 +318,13 @@ def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], me
     level = {name: k for k, (name, _, _) in enumerate(steps)}
     rows = []
 
-    def add(step: str, name: str, oof: float | None, masks: np.ndarray | str | None, note: str) -> None:
+    def add(step: str, name: str, oof: float | None, masks: np.ndarray | Path | str | None, note: str) -> None:
         row = {"step": step, "name": name, "oof_miou": oof, "note": note, "masks": None}
         if isinstance(masks, np.ndarray):
             np.save(out / "ablation" / f"{step}.npy", masks)
+            row["masks"] = f"ablation/{step}.npy"
+        elif isinstance(masks, Path):                 # written while predicting (infer's scratch)
+            os.replace(masks, out / "ablation" / f"{step}.npy")
             row["masks"] = f"ablation/{step}.npy"
         elif masks is not None:
             row["masks"] = masks
@@ -344,7 +350,10 @@ def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], me
                  + ("OOF cannot show fold averaging: each train image has one out-of-fold member per seed/epoch, "
                     "so the OOF mIoU equals the row above; the test score shows the gain"
                     if n_primary == n_folds else "OOF averages the seeds/epochs of each fold"))
-    fold_masks = argmax_u8(lambda r: test_store.ensemble({primary: 1.0}, r, OUT_SIZE), n_test)
+    fold_masks = out / ".scratch" / "fold_ensemble.npy"
+    with npy_writer(fold_masks, (n_test, OUT_SIZE, OUT_SIZE)) as w:
+        for chunk in test_store.chunks():
+            w.write(test_store.ensemble({primary: 1.0}, chunk, OUT_SIZE).argmax(1).numpy().astype(np.uint8))
     add("fold_ensemble", f"fold ensemble ({primary})", group_oof[primary], fold_masks, fold_note)
     wtxt = ", ".join(f"{g}: {w:g}" for g, w in weights.items())
     add("model_ensemble", f"multi-model ensemble ({len(groups)} models, {params.voting} vote)", ens.value,

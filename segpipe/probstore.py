@@ -136,8 +136,8 @@ def _npz_entry_offset(path: Path, key: str) -> int:
 class Rows:
     """Rows of a stored array (N, ...) in a .npy, or in an uncompressed .npz under `key`, read on demand.
 
-    `rows[i]`, `rows[a:b]` and `rows.read(indices)` return arrays holding only those rows (consecutive indices are
-    one read); `shape`, `dtype` and `len()` come from the header.
+    `rows[i]`, `rows[a:b]`, `rows[indices]` and `rows.read(indices)` return arrays holding only those rows
+    (consecutive indices are one read); `shape`, `dtype` and `len()` come from the header.
     """
 
     def __init__(self, path: Path, key: str | None = None):
@@ -176,8 +176,10 @@ class Rows:
                 self._run(f, int(idx[lo]), out[lo:hi])
         return out
 
-    def __getitem__(self, item: int | slice) -> np.ndarray:
+    def __getitem__(self, item: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(item, slice):
             return self.read(np.arange(len(self))[item])
+        if np.ndim(item):
+            return self.read(item)
         i = int(item)
         return self.read([i + len(self) if i < 0 else i])[0]
