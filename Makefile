@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CREDS := .segpipe/credentials.env
 WITH_STACK := set -a && source $(CREDS) && set +a &&
 
-.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast test-ops test-faults bench-validate bench-overhead bench-train bench-infer check-containers clean
+.PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast test-ops test-faults bench-validate bench-overhead bench-train bench-infer bench-storage check-containers clean
 
 setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
 
@@ -70,6 +70,12 @@ bench-train: setup                        ## training img/s: plain loop vs tuned
 
 bench-infer: setup                        ## inference img/s: bare model(x) vs predict_probs with 1, 2, 4 flip views (GPU if present)
 	$(BIN)/python scripts/bench_infer.py
+
+# BENCH_DATA: a COCO-layout dataset, e.g. the generate stage's competition shape; BENCH_ARGS: more options
+# (scripts/bench_storage.py --help), e.g. --estimate-only to print the time it would take and stop
+BENCH_DATA ?= /tmp/segpipe-competition/data/raw
+bench-storage: setup                      ## bytes per member and infer's peak memory at 512 px, full set and half (hours on CPU)
+	$(BIN)/python -m scripts.bench_storage --data $(BENCH_DATA) --input-size 512 --tta none $(BENCH_ARGS)
 
 bench-overhead: setup                     ## share of a full flow run outside the stages' work, and a "nothing changed" run
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m scripts.bench_overhead
