@@ -57,7 +57,10 @@ def test_audit_ranks_planted_label_noise_among_the_worst(tmp_path):
 
     vdir = tmp_path / "validate"
     validate.run(data, ValidateParams(max_empty_images=N_TRAIN, sample_grid=0), vdir, workers=1)
-    split.run(SplitParams(n_folds=2, seed=0, group_by="batch"), vdir, tmp_path / "split")
+    # per image, stratified by class presence. With the folders kept whole (group_by batch, 2 of 4 per fold) this
+    # budget measured recall@10 0.2 (ranks 18, 45, 31, 2, 14) after the split became a multilabel stratification;
+    # per image it measured 0.6: the test asks whether the audit ranks noisy images, not how folders generalise
+    split.run(SplitParams(n_folds=2, seed=0, group_by="none"), vdir, tmp_path / "split")
     # a shallow U-Net (resnet18 to stride 8): 10x an FPN-MobileNetV2's CPU speed at 64 px; EDA class weights so the
     # few minutes of training predict objects, not only background
     spec = ModelSpec(arch="unet", encoder="resnet18", kwargs={"encoder_depth": 3, "decoder_channels": [32, 16, 8]})
@@ -80,7 +83,7 @@ def test_audit_ranks_planted_label_noise_among_the_worst(tmp_path):
     print(f"\nplanted {k} of {N_TRAIN} ({planted}); their ranks {ranks}; recall@{k} = {recall:.2f}, "
           f"recall@{2 * k} = {recall2:.2f} (chance: {k / N_TRAIN:.2f}, {2 * k / N_TRAIN:.2f}); "
           f"median image OOF mIoU {median:.3f}")
-    # measured on this budget (val mIoU ~0.13): ranks 5, 6, 8, 17, 24 of 100, recall@5 0.2, recall@10 0.6.
+    # measured on this budget (val mIoU ~0.14): ranks 2, 6, 8, 18, 29 of 100, recall@5 0.2, recall@10 0.6.
     # A model this weak scores every many-class image low too; the bound is what it must keep beating: 4x chance
     assert recall2 >= 0.4, f"only {recall2:.0%} of the planted images among the worst {2 * k}: {ranks}"
     assert max(ranks.values()) <= N_TRAIN // 2, f"a planted image ranked in the better half: {ranks}"
