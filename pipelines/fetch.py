@@ -95,6 +95,12 @@ def pull(root: str) -> None:
     """`dvc pull` the dataset's `.dvc` file. A remote that cannot be reached is only a warning when the workspace
     already holds exactly that version (`dvc status` clean): the data is there, the remote is not needed."""
     dvcfile = tracking_file(root)
+    if dvcfile is None and Path(root).is_dir():
+        # a folder placed by hand (a test fixture, a first look at new data) still runs; its version is a hash of
+        # its file listing, which a nightly run cannot pull back elsewhere: say so every time
+        log.warning("dataset %s (params.yaml data.root) is not under DVC: its version is a listing hash and no other "
+                    "machine can pull it. Bring it in with `dvc add <dataset> -o %s` (README \"Real data\")", root, root)
+        return
     if dvcfile is None:
         raise FileNotFoundError(
             f"dataset {root} (params.yaml data.root) is not under DVC: no dvc.yaml stage writes it and there is no "

@@ -55,12 +55,16 @@ def test_a_changed_workspace_with_no_remote_fails_naming_the_dvc_file(project):
         fetch.run(DATA, push=False)
 
 
-def test_data_not_under_dvc_says_how_to_bring_it_in(tmp_path, monkeypatch):
-    (tmp_path / "data/raw").mkdir(parents=True)
+def test_data_not_under_dvc_says_how_to_bring_it_in(tmp_path, monkeypatch, caplog):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"not under DVC.*dvc add <dataset> -o data/raw.*dvc import-url"):
-        fetch.run(DATA, push=False)
+        fetch.run(DATA, push=False)           # missing and nothing to pull it from
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/a.png").write_bytes(b"x")
+    version = fetch.run(DATA, push=False)     # placed by hand: runs, warning that no other machine can pull it
+    assert len(version) == 12
+    assert "not under DVC" in caplog.text and "dvc add <dataset> -o data/raw" in caplog.text
 
 
 def test_the_generator_stage_is_reproduced_not_pulled(tmp_path, monkeypatch):
