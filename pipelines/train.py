@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from pipelines.codedeps import ROOT, closure
 from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
@@ -31,17 +32,11 @@ log = logging.getLogger("pipelines.train")
 
 # CHECKPOINT_ENV set (e.g. to `checkpoints`) by the flow's train task: every epoch's last.pt is mirrored to the S3
 # store; RESULT_ENV (e.g. `results`): finished members are stored under a content key and reused
-# the code that decides trained weights: part of the content key, so a code change retrains
-CODE_FILES = ("pipelines/train.py", "segpipe/engine.py", "segpipe/models.py", "segpipe/archs.py",
-              "segpipe/outputs.py", "segpipe/losses.py",
-              "segpipe/photos.py", "segpipe/datasets.py", "segpipe/metrics.py", "segpipe/tta.py",
-              "segpipe/probstore.py")
-ROOT = Path(__file__).resolve().parents[1]
-
-
+# the code that decides trained weights: its import closure (the files dvc.yaml lists for the stage), part of the
+# content key, so a change in any of them retrains
 def code_version() -> str:
     h = hashlib.sha256()
-    for rel in CODE_FILES:
+    for rel in closure("pipelines.train"):
         h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
 

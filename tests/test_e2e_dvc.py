@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipelines.codedeps import closure, stage_modules
 from tests.tiny import copy_project, shrink_params
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,18 @@ def test_dvc_repro_runs_chain_then_nothing_then_only_dependants(tmp_path):
     # a second repro re-runs nothing
     again = dvc(project, "repro")
     assert "Running stage" not in again
+
+    # a file no stage imports itself (models -> weights): exactly the stages whose import closure holds it are
+    # stale (tests/test_codedeps.py: the flow's keys see the same change); restored, nothing is
+    weights = project / "segpipe/weights.py"
+    original = weights.read_text()
+    weights.write_text(original + "\n# changed\n")
+    stale = {name.split("@")[0] for name in json.loads(dvc(project, "status", "--json"))}
+    assert stale == {s for s, (module, _) in stage_modules(project / "dvc.yaml").items()
+                     if "segpipe/weights.py" in closure(module, project)} == {"train", "infer", "audit", "pseudo",
+                                                                              "retrain"}
+    weights.write_text(original)
+    assert json.loads(dvc(project, "status", "--json")) == {}
 
     # one training param changed: train and everything downstream of it re-run, nothing upstream
     params = yaml.safe_load((project / "params.yaml").read_text())
