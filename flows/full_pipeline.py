@@ -145,7 +145,7 @@ def infer_round(stages: StageRunner, p: dict, run_dir: Path, round_: int, upstre
     ka = stages.key("audit", [upstream[0], key], {"round": round_})
     audit = stages("audit", f"audit-r{round_}", ka, f"audit/r{round_}",
                    partial(stage_call, "pipelines.audit:run", p["data"], p["audit"], run_dir / "validate", out,
-                           run_dir / "audit" / f"r{round_}"))
+                           run_dir / "audit" / f"r{round_}", tasks.members_dir(run_dir, round_)))
     create_markdown_artifact(embed_images((audit.out_dir / "report.md").read_text(), audit.out_dir),
                              key=f"label-noise-audit-r{round_}",
                              description="training images ranked by their own out-of-fold mIoU, worst first")

@@ -221,7 +221,8 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         member_report[m.name] = {"oof_miou": metric.value, "model": m.group, "seed": m.seed, "fold": m.fold,
                                  "epoch": m.epoch, "checkpoint": str(m.checkpoint),
                                  "checkpoint_sha256": sha256_file(m.checkpoint), "input_size": size,
-                                 "prob_size": dsize, "stored_size": s, "stored_dtype": "uint8", "n_oof": len(names)}
+                                 "prob_size": dsize, "stored_size": s, "stored_dtype": "uint8", "n_oof": len(names),
+                                 "pseudo_teacher": cfg.get("pseudo_teacher")}
         write_json(mdir / "index.json", {"oof_file_names": names, "test_order": "test_index.json",
                                          **member_report[m.name]})
         print(f"infer r{round_}: {m.name} OOF mIoU {metric.value:.4f} ({len(names)} OOF + {len(test_names)} test "
@@ -268,8 +269,9 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     write_json(tmp / "test_index.json", {"file_names": test_names})
 
     single_rows = {g: {name: level_metric[g][k].value for k, (name, _, _) in enumerate(steps)} for g in groups}
+    teacher = sorted({str(d["pseudo_teacher"]) for d in member_report.values() if d.get("pseudo_teacher")})
     rows = ablation_rows(params, round_, steps, groups, members, single_rows, row_member, row_test, group_oof,
-                         weights, ens, test_ens, len(test_names), tmp)
+                         weights, ens, test_ens, len(test_names), tmp, "/".join(teacher) or None)
     write_json(tmp / "ablation.json", rows)
     report = {
         "round": round_, "members": {k: v["oof_miou"] for k, v in member_report.items()},
@@ -303,12 +305,17 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
 def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], members: list[Member],
                   single_rows: dict[str, dict[str, float]], row_member: dict[str, str],
                   row_test: dict[str, list[Path]], group_oof: dict[str, float], weights: dict[str, float],
-                  ens: MIoU, test_store: StoredEnsemble, n_test: int, out: Path) -> list[dict]:
+                  ens: MIoU, test_store: StoredEnsemble, n_test: int, out: Path, teacher: str | None = None
+                  ) -> list[dict]:
     """One row per step that the ablation report shows; each with its OOF mIoU and the test masks it would submit."""
     final = {"oof_miou": ens.value, "masks": "test_masks.npy"}
     if round_ > 0:
         return [{"step": f"pseudo_r{round_}", "name": f"+ pseudo-label round {round_}", **final,
-                 "note": f"the round-{round_} members (train + pseudo-labels) ensembled as above"}]
+                 "pseudo_teacher": teacher,
+                 "note": f"the round-{round_} members (train + pseudo-labels) ensembled as above; pseudo-labels by "
+                         f"<pseudo.teacher={teacher}> teachers"
+                         + (" (all folds: fold k's student saw labels made from fold k, its OOF is optimistic)"
+                            if teacher == "all" else "")}]
     if not params.ablation:
         return [{"step": "model_ensemble", "name": "ensemble", **final, "note": "<infer.ablation=false>"}]
     # the single-model baseline is the best model without TTA: ensembles are measured against the best one

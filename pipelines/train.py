@@ -86,7 +86,8 @@ def resolved_config(params: TrainParams, model: str, seed: int, fold: int, class
     return {"name": model, "model": params.models[model].model_dump(mode="json"), "seed": seed, "fold": fold,
             "classes": classes, "num_classes": len(classes), "input_size": params.input_size,
             "amp": params.amp, "channels_last": params.channels_last, "train": train, "loop": asdict(cfg), "class_weights": class_weights,
-            "inputs": inputs, "code": code_version(), "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs}
+            "inputs": inputs, "code": code_version(), "n_train": n_train, "n_val": n_val, "pseudo": "pseudo" in inputs,
+            "pseudo_teacher": inputs.get("pseudo_teacher")}
 
 
 class _ContentKeyed:
@@ -284,21 +285,32 @@ def write_curve(history: list[dict], path: Path) -> None:
 AFFECTED = "affected.json"   # the audit stage's list of dropped / relabelled training images
 
 
-def apply_audit(samples: list, audit_dir: Path) -> list:
+def apply_audit(samples: list, audit_dir: Path, fold: int | None = None) -> list:
     """Training samples after the audit's action: `drop` removes the listed images, `relabel` swaps their masks
-    for the ensemble's pseudo-labels (audit_dir/<mask>); `none` changes nothing."""
+    for the audit's confident labels (audit_dir/<mask>; with audit.teacher=fold the ones voted for `fold`'s student
+    by fold `fold`'s members); `none` changes nothing."""
     affected = json.loads((audit_dir / AFFECTED).read_text())
     by_name = {r["file_name"]: r for r in affected["images"]}
+
+    def relabelled(entry: dict) -> Path:
+        if "masks" not in entry:
+            return audit_dir / entry["mask"]
+        if str(fold) not in entry["masks"]:
+            raise KeyError(f"{audit_dir / AFFECTED}: no relabelled mask of {entry['file_name']} for fold {fold}'s "
+                           f"student (folds {sorted(entry['masks'])}): run the audit stage again")
+        return audit_dir / entry["masks"][str(fold)]
+
     if affected["action"] == "drop":
         kept = [s for s in samples if s.file_name not in by_name]
     elif affected["action"] == "relabel":
-        kept = [replace(s, mask=audit_dir / by_name[s.file_name]["mask"]) if s.file_name in by_name else s
-                for s in samples]
+        kept = [replace(s, mask=relabelled(by_name[s.file_name])) if s.file_name in by_name else s for s in samples]
     else:
         return samples
     hit = sum(s.file_name in by_name for s in samples)
     print(f"audit: {affected['action']} {hit} of this member's {len(samples)} training images "
-          f"<audit.action={affected['action']}, audit.n={len(by_name)}>", flush=True)
+          f"<audit.action={affected['action']}, audit.n={len(by_name)}"
+          + (f", audit.teacher={affected.get('teacher') or 'all'}" if affected["action"] == "relabel" else "")
+          + ">", flush=True)
     return kept
 
 
@@ -325,13 +337,14 @@ def run(
     if audit_dir is not None:
         # the label-noise audit's worst images, dropped or relabelled: on the training side only, so every round's
         # OOF mIoU is measured on the same images and labels
-        train_s = apply_audit(train_s, Path(audit_dir))
+        train_s = apply_audit(train_s, Path(audit_dir), fold)
     if pseudo_dir is not None:
         # pseudo-labelled test images only ever join the training side, so validation stays honest
-        train_s += load_pseudo_index(Path(pseudo_dir) / "index.json")
+        train_s += load_pseudo_index(Path(pseudo_dir) / "index.json", fold)
     inputs = {"train": samples_digest(train_s), "val": samples_digest(val_s)}
     if pseudo_dir is not None:
         inputs["pseudo"] = _sha256(Path(pseudo_dir) / "index.json")
+        inputs["pseudo_teacher"] = json.loads((Path(pseudo_dir) / "index.json").read_text()).get("teacher", "all")
     if audit_dir is not None:
         inputs["audit"] = _sha256(Path(audit_dir) / AFFECTED)
 

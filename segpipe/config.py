@@ -191,6 +191,10 @@ class PseudoParams(Section):
     class_thresholds: dict[str, float] = Field(default_factory=dict)   # class name -> its own threshold
     min_confident_fraction: float = Field(ge=0, le=1)  # images below this kept share are dropped
     unknown: bool = False           # unsure pixels become UNKNOWN (needs UNKNOWN in data.classes), not ignore
+    # who labels the test images fold k's student trains on: fold = the members of fold k (they never trained on
+    # fold k's images, so its OOF figure stays clean); all = the whole ensemble (its other folds' members trained on
+    # fold k: the student's OOF mIoU is then optimistic)
+    teacher: Literal["fold", "all"] = "fold"
 
     @field_validator("class_thresholds")
     @classmethod
@@ -211,6 +215,10 @@ class AuditParams(Section):
     action: Literal["none", "drop", "relabel"] = "none"   # what the next training round does with the worst n
     n: int = Field(ge=0, default=0)              # how many of the worst images the action touches
     relabel_threshold: float = Field(gt=0, lt=1, default=0.5)   # relabel: pixels under it become ignore
+    # relabel: who draws the new label fold k's student trains on. fold = the members of fold k (never saw fold
+    # k's images; run again on the listed images); all = the image's out-of-fold ensemble (its members trained on
+    # fold k: the student's OOF mIoU is then optimistic)
+    teacher: Literal["fold", "all"] = "fold"
 
 
 class CompareParams(Section):

@@ -46,14 +46,23 @@ def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]
     return train, test, list(idx["classes"])
 
 
-def load_pseudo_index(index_path: Path) -> list[Sample]:
-    """Pseudo-labelled test samples written by the pseudo stage (masks carry ignore where unsure)."""
+def load_pseudo_index(index_path: Path, fold: int | None = None) -> list[Sample]:
+    """Pseudo-labelled test samples written by the pseudo stage (masks carry ignore where unsure): with per-fold
+    teachers (pseudo.teacher=fold) the set made for `fold`'s student, by the members that never saw its images."""
     index_path = Path(index_path)
     idx = json.loads(index_path.read_text())
     root = Path(idx["data_root"])
     exif = idx.get("exif_orientation", "apply")
+    if "folds" in idx:
+        if str(fold) not in idx["folds"]:
+            raise KeyError(f"{index_path} holds pseudo-labels for folds {sorted(idx['folds'])} (pseudo.teacher=fold), "
+                           f"none for fold {fold}: the previous round's infer had no member of fold {fold}; train it, "
+                           "or set pseudo.teacher: all")
+        records = idx["folds"][str(fold)]
+    else:
+        records = idx["samples"]
     return [Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], "pseudo", exif=exif)
-            for r in idx["samples"]]
+            for r in records]
 
 
 def read_image(path: Path, exif: str = "apply") -> np.ndarray:

@@ -57,8 +57,8 @@ def tiny_with_one_wrong(root: Path, wrong_at: int) -> tuple[Path, list, str, Pat
 def test_relabel_writes_the_confident_ensemble_label_and_the_next_round_trains_on_it(tmp_path):
     vdir, samples, wrong, idir = tiny_with_one_wrong(tmp_path, 5)
 
-    res = audit.run(DATA, AuditParams(show=3, action="relabel", n=1, relabel_threshold=0.5), vdir, idir,
-                    tmp_path / "audit")
+    res = audit.run(DATA, AuditParams(show=3, action="relabel", n=1, relabel_threshold=0.5, teacher="all"), vdir,
+                    idir, tmp_path / "audit")
     assert res.rows[0]["file_name"] == wrong and res.affected == [wrong]
     assert all(r["miou"] > 0.9 for r in res.rows[1:])    # the others agree with their labels (up to resampled edges)
     affected = json.loads((tmp_path / "audit" / "affected.json").read_text())

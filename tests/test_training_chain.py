@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import ablation, infer, pseudo, split, train
-from segpipe.config import (AblationParams, DataParams, InferParams, ModelSpec, PseudoParams, SplitParams,
-                            SubmitParams, TrainParams)
+from pipelines import ablation, audit, infer, pseudo, split, train
+from segpipe.config import (AblationParams, AuditParams, DataParams, InferParams, ModelSpec, PseudoParams,
+                            SplitParams, SubmitParams, TrainParams)
 from segpipe.engine import LoopConfig, train_model
-from segpipe.datasets import ArrayDataset
+from segpipe.datasets import ArrayDataset, load_index
 from segpipe.losses import SegLoss
 from segpipe.models import build_model
 
@@ -97,10 +97,49 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
     pres = pseudo.run(DATA, PseudoParams(threshold=0.34, min_confident_fraction=0.0), vdir, tmp_path / "infer" / "r0",
                       tmp_path / "pseudo" / "r1")
     assert pres.n_kept == 4
+    # fold-safe teachers (the default): fold k's student gets labels voted by fold k's members only
     pidx = json.loads((tmp_path / "pseudo" / "r1" / "index.json").read_text())
-    assert len(pidx["samples"]) == 4 and (tmp_path / "pseudo" / "r1" / pidx["samples"][0]["mask"]).is_file()
+    assert pidx["teacher"] == "fold" and sorted(pidx["folds"]) == ["0", "1"] and "samples" not in pidx
     prov = json.loads((tmp_path / "pseudo" / "r1" / "provenance.json").read_text())
+    assert prov["teachers"] == {"f0": ["unet_r18-s0-f0"], "f1": ["unet_r18-s0-f1"]}
     assert set(prov["ensemble"]["members"]) == {"unet_r18-s0-f0", "unet_r18-s0-f1"}
+    test_names = json.loads((tmp_path / "infer" / "r0" / "test_index.json").read_text())["file_names"]
+    for fold in (0, 1):
+        own = np.load(tmp_path / "infer" / "r0" / "members" / f"unet_r18-s0-f{fold}" / "test.npy")
+        sets = {r["file_name"]: r["mask"] for r in pidx["folds"][str(fold)]}
+        assert len(sets) == 4 and all(m.startswith(f"masks/f{fold}/") for m in sets.values())
+        for i, name in enumerate(test_names):
+            label = cv2.imread(str(tmp_path / "pseudo" / "r1" / sets[name]), cv2.IMREAD_UNCHANGED)
+            want = cv2.resize(own[i].transpose(1, 2, 0), (256, 256), interpolation=cv2.INTER_LINEAR).argmax(-1)
+            sure = label != 255
+            assert (label[sure] == want[sure]).mean() > 0.97      # resampling moves only near-ties at edges
+    # relabel by the same rule: an image of fold 1 is relabelled for fold 0's student by fold 0's member
+    ares = audit.run(DATA, AuditParams(show=0, action="relabel", n=3), vdir, tmp_path / "infer" / "r0",
+                     tmp_path / "audit", members_dir=tmp_path / "train")
+    affected = json.loads((tmp_path / "audit" / "affected.json").read_text())
+    assert affected["teacher"] == "fold" and len(ares.affected) == 3
+    train_samples = load_index(vdir / "index.json")[0]
+    for entry in affected["images"]:
+        own = folds[entry["file_name"]]
+        assert sorted(entry["masks"]) == [str(1 - own)]        # only the student that trains on it gets a label
+        assert entry["masks"][str(1 - own)].startswith(f"masks/f{1 - own}/")
+    entry = affected["images"][0]
+    student = 1 - folds[entry["file_name"]]
+    theirs = [s for s in train_samples if folds[s.file_name] != student]
+    relabelled = {s.file_name: s.mask for s in train.apply_audit(theirs, tmp_path / "audit", student)}
+    assert relabelled[entry["file_name"]] == tmp_path / "audit" / entry["masks"][str(student)]
+    with pytest.raises(KeyError, match=f"for fold {1 - student}'s student"):
+        train.apply_audit(theirs, tmp_path / "audit", 1 - student)
+    with pytest.raises(ValueError, match="pass the members folder"):
+        audit.run(DATA, AuditParams(action="relabel", n=1), vdir, tmp_path / "infer" / "r0", tmp_path / "audit-x")
+
+    # the all-folds teacher stays as an option, and says so
+    everyone = pseudo.run(DATA, PseudoParams(threshold=0.34, min_confident_fraction=0.0, teacher="all"), vdir,
+                          tmp_path / "infer" / "r0", tmp_path / "pseudo-all")
+    aidx = json.loads((tmp_path / "pseudo-all" / "index.json").read_text())
+    assert everyone.n_kept == 4 and aidx["teacher"] == "all" and len(aidx["samples"]) == 4
+    assert json.loads((tmp_path / "pseudo-all" / "provenance.json").read_text())["teachers"] == {
+        "all": ["unet_r18-s0-f0", "unet_r18-s0-f1"]}
 
     for fold in (0, 1):
         train.run(DATA, tiny_train_params(class_weights="eda"), "unet_r18", 0, fold, vdir, tmp_path / "split",
