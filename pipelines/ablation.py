@@ -26,13 +26,15 @@ from segpipe.submission import lint_submission, write_submission
 log = logging.getLogger("pipelines.ablation")
 
 KEY_ENV = "SEGPIPE_LEADERBOARD_ABLATION_KEY"
-COLUMNS = ("step", "name", "oof_miou", "delta_oof", "public_miou", "delta_public", "pays", "status", "note")
+COLUMNS = ("step", "name", "oof_miou", "oof_selected", "delta_oof", "public_miou", "delta_public", "pays", "status",
+           "note")
 
 
 @dataclass(frozen=True)
 class AblationResult:
     rows: list[dict]
     out_dir: Path
+    noise_band: float | None = None      # the single-model row's seed-to-seed spread (OOF mIoU); None: one seed
 
     def table(self) -> list[dict]:
         """The rows as the Prefect table artifact shows them."""
@@ -57,14 +59,17 @@ def collect_rows(infer_root: Path) -> list[dict]:
     return rows
 
 
-def verdict(d_oof: float | None, d_pub: float | None) -> str | None:
-    """yes / no / mixed / same from the deltas that exist (OOF, public)."""
+def verdict(d_oof: float | None, d_pub: float | None, band: float | None = None) -> str | None:
+    """yes / no / mixed / same from the deltas that exist (OOF, public); `noise` when an OOF delta is within the
+    seed-to-seed spread `band` of the single-model row: a gain is only called one beyond what a seed moves."""
     ds = [d for d in (d_oof, d_pub) if d is not None]
     if not ds:
         return None
     eps = 5e-5                       # below what the report's 4 decimals show
     if all(abs(d) <= eps for d in ds):
         return "same"
+    if band is not None and d_oof is not None and abs(d_oof) <= band:
+        return "noise"
     if all(d >= -eps for d in ds):
         return "yes"
     if all(d <= eps for d in ds):
@@ -88,6 +93,7 @@ def run(params: AblationParams, submit: SubmitParams, data: DataParams, infer_ro
     client = LeaderboardClient(submit.base_url, submit.competition_id, key) if not why else None
     sent: dict[str, Submission] = {}     # sha256 -> this run's submission of that file
     prev: dict | None = None
+    band = next((r["seed_spread"] for r in rows if r.get("seed_spread") is not None), None)
     for row in rows:
         row.update(public_miou=None, delta_oof=None, delta_public=None, pays=None, submission_id=None)
         if row["masks"] is None:
@@ -119,13 +125,14 @@ def run(params: AblationParams, submit: SubmitParams, data: DataParams, infer_ro
                 row["delta_oof"] = row["oof_miou"] - prev["oof_miou"]
             if row["public_miou"] is not None and prev["public_miou"] is not None:
                 row["delta_public"] = row["public_miou"] - prev["public_miou"]
-            row["pays"] = verdict(row["delta_oof"], row["delta_public"])
+            row["pays"] = verdict(row["delta_oof"], row["delta_public"], band)
         prev = row
-    result = AblationResult(rows, out_dir)
+    result = AblationResult(rows, out_dir, band)
     write_json(out_dir / "ablation.json", rows)
     write_json(out_dir / "metrics.json", {
         **{f"oof/{r['step']}": r["oof_miou"] for r in rows if r["oof_miou"] is not None},
-        **{f"public/{r['step']}": r["public_miou"] for r in rows if r["public_miou"] is not None}})
+        **{f"public/{r['step']}": r["public_miou"] for r in rows if r["public_miou"] is not None},
+        **({"noise_band": band} if band is not None else {})})
     (out_dir / "ablation.md").write_text(ablation_md(result))
     for r in rows:
         print(f"ablation: {r['name']:<48} OOF {_f(r['oof_miou'])}  public {_f(r['public_miou'])}  "
@@ -138,12 +145,18 @@ def _f(v: float | None, signed: bool = False) -> str:
 
 
 def ablation_md(result: AblationResult) -> str:
-    lines = [f"| {r['name']} | {_f(r['oof_miou'])} | {_f(r['delta_oof'], True)} | {_f(r['public_miou'])} | "
-             f"{_f(r['delta_public'], True)} | {r['pays'] or '-'} | {r['note']} |" for r in result.rows]
-    return ("# Does each step pay?\n\nOOF: out-of-fold mIoU over the training images (one confusion matrix). Public: "
-            "the leaderboard's score of that row's submission. Deltas are against the row above.\n\n"
-            "| step | OOF mIoU | Δ OOF | public mIoU | Δ public | pays? | note |\n|---|---|---|---|---|---|---|\n"
-            + "\n".join(lines) + "\n")
+    lines = [f"| {r['name']} | {_f(r['oof_miou'])} | {_f(r.get('oof_selected'))} | {_f(r['delta_oof'], True)} | "
+             f"{_f(r['public_miou'])} | {_f(r['delta_public'], True)} | {r['pays'] or '-'} | {r['note']} |"
+             for r in result.rows]
+    band = (f"Noise band: ±{result.noise_band:.4f} OOF mIoU, how much the single-model row moves between two seeds; "
+            "a row pays only beyond it (`noise`: within it)." if result.noise_band is not None else
+            "No noise band: one seed (`train.seeds` with two measures one); a gain may be a seed's luck.")
+    return ("# Does each step pay?\n\nOOF: out-of-fold mIoU over the training images (one confusion matrix); where a "
+            "choice was made on OOF (the ensemble's weights) it is the nested figure, each fold scored with weights "
+            "searched on the others, and *OOF selected* is the figure that saw its own choice. Public: the "
+            "leaderboard's score of that row's submission. Deltas are against the row above.\n\n" + band + "\n\n"
+            "| step | OOF mIoU | OOF selected | Δ OOF | public mIoU | Δ public | pays? | note |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:

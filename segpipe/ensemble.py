@@ -232,6 +232,25 @@ class StoredEnsemble:
         return cms
 
 
+    def fold_confusions(self, weightings: Sequence[dict[str, float]], masks: np.ndarray, ignore_index: int,
+                        fold_of_row: np.ndarray, n_folds: int) -> list[np.ndarray]:
+        """Like `confusions`, split by fold: per weighting an (n_folds, C, C) array, row i counted in fold
+        fold_of_row[i]; one pass over the files for all of them."""
+        c = self.num_classes
+        cms = [np.zeros((n_folds, c, c), np.int64) for _ in weightings]
+        used = [g for g in self.groups if any(w.get(g, 0) > 0 for w in weightings)]
+        for rows in self.chunks():
+            parts = self.means(rows, used)
+            folds = fold_of_row[rows]
+            truth = masks[rows]
+            for cm, w in zip(cms, weightings):
+                pred = self.vote(parts, w, masks.shape[-1]).argmax(1).numpy()
+                for f in np.unique(folds):
+                    at = folds == f
+                    cm[f] += confusion_matrix(truth[at], pred[at], c, ignore_index)
+        return cms
+
+
 def confusion_of(probs_fn: Callable[[slice], torch.Tensor], masks: np.ndarray, num_classes: int, ignore_index: int,
                  chunk: int = 16) -> np.ndarray:
     """One confusion matrix over the whole set: argmax of `probs_fn(rows)` against masks (N, H, W) chunk by chunk."""
@@ -313,3 +332,41 @@ def oof_miou_fn(ens: StoredEnsemble, masks: np.ndarray, ignore_index: int
     def fn(weightings: list[dict[str, float]]) -> list[float]:
         return [miou(cm) for cm in ens.confusions(weightings, masks, ignore_index)]
     return fn
+
+
+@dataclass
+class NestedSearch:
+    """The weight search's honest figure: for each fold k, weights searched on the other folds' OOF images only and
+    scored on fold k's; one confusion matrix over every fold. The selected figure saw its own choice; this one
+    did not."""
+    miou: float
+    weights: list[dict[str, float]]      # per held-out fold, the weights chosen without it
+    cm: np.ndarray
+
+
+def nested_search(fold_cms: Callable[[list[dict[str, float]]], list[np.ndarray]], groups: Sequence[str],
+                  grid: Sequence[float], n_folds: int) -> NestedSearch:
+    """Run search_weights once per held-out fold on the other folds' summed confusions. `fold_cms(weightings)`
+    gives each weighting's (n_folds, C, C) confusions (StoredEnsemble.fold_confusions); every weighting is
+    scored once for all the searches, which mostly try the same ones."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def key(w: dict[str, float]) -> tuple:
+        total = sum(w.values())
+        return tuple(round(w[g] / total, 6) for g in groups)
+
+    def cms(weightings: list[dict[str, float]]) -> list[np.ndarray]:
+        new = {key(w): w for w in weightings if key(w) not in cache}
+        for k, cm in zip(new, fold_cms(list(new.values())) if new else []):
+            cache[k] = cm
+        return [cache[key(w)] for w in weightings]
+
+    chosen, total = [], None
+    for k in range(n_folds):
+        def score_without_k(weightings: list[dict[str, float]], k=k) -> list[float]:
+            return [miou(cm.sum(0) - cm[k]) for cm in cms(weightings)]
+        w = search_weights(score_without_k, groups, grid).weights
+        chosen.append(w)
+        held = cms([w])[0][k]
+        total = held.copy() if total is None else total + held
+    return NestedSearch(miou(total), chosen, total)

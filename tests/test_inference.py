@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from torch import nn
 
 from pipelines import pseudo as pseudo_stage
 from segpipe.config import DataParams, InferParams, PseudoParams, SlidingWindowParams
-from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, find_members, oof_miou_fn,
-                              resize_probs, search_weights, weighted_vote, one_hot_votes)
+from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, find_members, nested_search,
+                              oof_miou_fn, resize_probs, search_weights, weighted_vote, one_hot_votes)
 from segpipe.metrics import miou, confusion_matrix
 from segpipe.models import build_model
 from segpipe.probstore import dequantise, to_stored
@@ -271,6 +272,28 @@ def test_streamed_ensemble_equals_the_whole_set_in_memory(tmp_path, hard):
     assert np.array_equal(cms[0][0], confusion_matrix(masks, want.argmax(1).numpy(), 3))
 
 
+def test_nested_search_scores_each_fold_with_weights_found_without_it(tmp_path):
+    """The honest figure of the weight search: fold k is scored with the weights searched on the other folds only,
+    and the fold-split confusions add up to the whole set's."""
+    store, masks = _constructed_oof(tmp_path)
+    fold_of_row = np.array([0, 0, 0, 1, 1, 1])
+    w = {"good": 0.75, "loud": 0.25}
+    split_cm = store.fold_confusions([w], masks, 255, fold_of_row, 2)[0]
+    assert np.array_equal(split_cm.sum(0), store.confusions([w], masks, 255)[0])
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    found = nested_search(lambda ws: store.fold_confusions(ws, masks, 255, fold_of_row, 2), ["good", "loud"], grid, 2)
+    total = np.zeros((3, 3), np.int64)
+    for k, rows in enumerate((slice(0, 3), slice(3, 6))):
+        other = slice(3, 6) if k == 0 else slice(0, 3)
+        only_other = StoredEnsemble([m for m, _, _ in store.members if m.names == store.names[other]],
+                                    store.names[other], 3, 16)
+        by_hand = search_weights(oof_miou_fn(only_other, masks[other], 255), ["good", "loud"], grid).weights
+        assert found.weights[k] == by_hand
+        p = store.ensemble(by_hand, rows).argmax(1).numpy()
+        total += confusion_matrix(masks[rows], p, 3)
+    assert found.miou == pytest.approx(miou(total)) and np.array_equal(found.cm, total)
+
+
 def test_batched_weight_search_moves_as_the_one_by_one_search():
     """search_weights asks for a group's grid values together; it must choose, and list, exactly what trying
     them one at a time (the search as it was written first) does, on a bumpy score with ties and plateaus."""
@@ -381,7 +404,8 @@ def test_pseudo_stage_writes_labels_and_provenance_from_stored_probabilities(tmp
                                                 "checkpoint_sha256": "ab" * 32, "oof_miou": 0.4}}}
     (infer_dir / "report.json").write_text(json.dumps(report))
     res = pseudo_stage.run(DataParams(root=str(tmp_path / "data"), classes=classes),
-                           PseudoParams(threshold=0.6, class_thresholds={"A": 0.8}, min_confident_fraction=0.25),
+                           PseudoParams(threshold=0.6, class_thresholds={"A": 0.8}, min_confident_fraction=0.25,
+                                        teacher="all"),
                            vdir, infer_dir, tmp_path / "pseudo" / "r1", round_=1)
     assert (res.n_kept, res.n_test) == (1, 2)
     out = tmp_path / "pseudo" / "r1"
@@ -400,7 +424,7 @@ def test_pseudo_stage_writes_labels_and_provenance_from_stored_probabilities(tmp
 
 
 # ------------------------------------------------------------------------------------------------ the infer stage
-def _fake_members(root: Path, vdir: Path, sizes: dict[str, int], top_k: bool = True) -> None:
+def _fake_members(root: Path, vdir: Path, sizes: dict[str, int], top_k: bool = True, seeds=(0,)) -> None:
     """Untrained members as the train stage lays them out: best.pt with its resolved config, oof.npz names,
     metrics.json, and (top_k) one kept epoch (top_k/top-e001.pt) beside best.pt (epoch 2)."""
     from pipelines.split import run as split_run
@@ -409,11 +433,11 @@ def _fake_members(root: Path, vdir: Path, sizes: dict[str, int], top_k: bool = T
     folds = json.loads((root / "split" / "folds.json").read_text())["folds"]
     for model, size in sizes.items():
         arch = model.split("_")[0]
-        for fold in (0, 1):
-            d = root / "members" / f"{model}-s0-f{fold}"
+        for seed, fold in itertools.product(seeds, (0, 1)):
+            d = root / "members" / f"{model}-s{seed}-f{fold}"
             (d / "top_k").mkdir(parents=True)
             for i, name in enumerate(("best.pt", "top_k/top-e001.pt")[:2 if top_k else 1]):
-                torch.manual_seed(fold * 10 + i)
+                torch.manual_seed(seed * 100 + fold * 10 + i)
                 net = build_model(arch, "resnet18", 3)
                 cfg = {"model": {"arch": arch, "encoder": "resnet18"}, "num_classes": 3, "input_size": size,
                        "amp": True, "channels_last": False}
@@ -443,9 +467,30 @@ def test_infer_stage_hard_votes_members_of_two_sizes_with_kept_epochs(tmp_path):
     chosen = next(e["oof_miou"] for e in tried if e["weights"] == res.weights)
     assert chosen == max(e["oof_miou"] for e in tried) >= tried[0]["oof_miou"]      # never worse than equal weights
     assert report["n_oof_images"] == 16
+    # the honest figure beside the selected one: each fold scored with weights searched on the other fold
+    assert sorted(report["nested_weights"]) == ["0", "1"] and report["oof_miou"] == report["nested_oof_miou"]
+    assert res.oof_miou == report["nested_oof_miou"]
+    assert json.loads((out / "metrics.json").read_text())["selected_oof_miou"] == report["ensemble_oof_miou"]
     rows = json.loads((out / "ablation.json").read_text())
+    assert rows[-1]["oof_miou"] == report["nested_oof_miou"] and rows[-1]["oof_selected"] == report["ensemble_oof_miou"]
     assert [r["step"] for r in rows] == ["single", "flip_tta", "multiscale_tta", "fold_ensemble", "model_ensemble"]
     assert rows[2]["masks"] is None and "infer.scales" in rows[2]["note"]              # one scale: skipped, said why
+
+
+def test_infer_stage_measures_the_single_row_on_every_seed(tmp_path):
+    """Two seeds of a model: the single-model row carries both seeds' OOF figures and their spread (the ablation's
+    noise band)."""
+    from pipelines import infer
+    from tests.test_training_chain import DATA, make_tiny
+    vdir = make_tiny(tmp_path)
+    _fake_members(tmp_path, vdir, {"unet_a": 32}, top_k=False, seeds=(0, 1))
+    infer.run(DATA, InferParams(tta=(), batch_size=8), vdir, tmp_path / "members", tmp_path / "infer" / "r0")
+    out = tmp_path / "infer" / "r0"
+    single = json.loads((out / "ablation.json").read_text())[0]
+    by_seed = json.loads((out / "report.json").read_text())["models"]["unet_a"]["seed_oof_miou"]
+    assert sorted(single["seed_oof_miou"]) == ["0", "1"] and sorted(by_seed) == ["0", "1"]
+    assert single["oof_miou"] == single["seed_oof_miou"]["0"]                    # the row itself is the first seed
+    assert single["seed_spread"] == pytest.approx(abs(by_seed["0"] - by_seed["1"])) and single["seed_spread"] > 0
 
 
 def test_infer_stage_sliding_window_over_larger_images(tmp_path):
