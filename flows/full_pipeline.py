@@ -23,6 +23,7 @@ from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, public_score, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
 from pipelines.contentkey import StageKeys
+from pipelines.submit import RoundChoice, choose_round
 from segpipe.config import load_all
 from segpipe.inline import embed_images
 from segpipe.profiles import apply_profile
@@ -112,10 +113,13 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
                               "mIoU per step, deltas against the row above")
         publish_markdown(run_dir / "ablation" / "ablation.md", "ablation-report")
 
+        # what is sent is the round with the best honest OOF figure, not always the last
+        sent = choose_round(run_dir / "infer")
         summary = {"run": rid, "data_version": version, "params_hash": keys.params_hash(),
-                   "oof_miou": result.oof_miou, "artifacts": prefix}
+                   "oof_miou": sent.oof_miou, "sent_round": sent.round, "round_reason": sent.reason,
+                   "artifacts": prefix}
         if submit:
-            summary.update(submit_and_record(p, run_dir, result.out_dir, prefix, rid, result.oof_miou))
+            summary.update(submit_and_record(p, run_dir, sent, prefix, rid))
         # every stage's files in S3 (stored while the later stages ran) before the run counts as done
         stored = stages.wait_stored()
     summary["dvc_pushed"] = pushed.result()
@@ -127,8 +131,9 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     create_table_artifact([{k: str(v) for k, v in summary.items() if k != "stages"}], key="run-summary",
                           description=f"full-pipeline run {rid}")
     publish_run_links(summary, store)
-    log.info("run %s done: OOF mIoU %.4f, public mIoU %s; %d of %d stages reused", rid, result.oof_miou,
-             public_score(summary), summary["reused"], len(summary["stages"]))
+    log.info("run %s done: sent round %s (%s), OOF mIoU %.4f, public mIoU %s; %d of %d stages reused", rid,
+             summary["sent_round"], summary["round_reason"], summary["oof_miou"], public_score(summary),
+             summary["reused"], len(summary["stages"]))
     return summary
 
 
@@ -225,14 +230,16 @@ def publish_markdown(path: Path, key: str) -> None:
         create_markdown_artifact(path.read_text(), key=key)
 
 
-def submit_and_record(p: dict, run_dir: Path, infer_dir: Path, prefix: str, rid: str, oof_miou: float) -> dict:
-    """Submit (if submit.policy lets this deployment), upload the stage's outputs, publish the CV-vs-LB history."""
+def submit_and_record(p: dict, run_dir: Path, sent: RoundChoice, prefix: str, rid: str) -> dict:
+    """Submit round `sent` (if submit.policy lets this deployment), upload the stage's outputs, publish the
+    CV-vs-LB history."""
     # the deployment's name decides the policy; None for a direct flow call (submit.manual_policy)
     t0 = time.time()
-    sub = tasks.submit(p["submit"], p["data"], infer_dir, run_dir / "submit",
+    sub = tasks.submit(p["submit"], p["data"], sent.infer_dir, run_dir / "submit",
                        hyperparameters={k: p[k].model_dump(mode="json")
                                         for k in ("train", "retrain", "infer", "pseudo")},
-                       oof_miou=oof_miou, deployment=deployment.name, run_name=rid)
+                       oof_miou=sent.oof_miou, deployment=deployment.name, run_name=rid, round_=sent.round,
+                       round_reason=sent.reason)
     record_timing("work", "submit", t0, time.time())
     tasks.upload(run_dir / "submit", f"{prefix}/submit")     # never cached: the policy and the leaderboard decide
     publish_history(run_dir / "submit" / "history.json")

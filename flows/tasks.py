@@ -55,14 +55,14 @@ def ablation(params, submit_params, data, infer_root: Path, out_dir: Path, submi
 
 @task(name="submit", retries=0)   # the client retries safely itself; a second task try could double-submit
 def submit(params, data, infer_dir: Path, out_dir: Path, hyperparameters: dict, oof_miou: float | None = None,
-           deployment: str | None = None, run_name: str = ""):
+           deployment: str | None = None, run_name: str = "", round_: int | None = None, round_reason: str = ""):
     """Write, lint and (if submit.policy lets this deployment) send the submission.
 
     The key is read here, so it is never a task input in the UI.
     """
     result = pipelines.submit.run(params, data, infer_dir, out_dir, key=leaderboard_key(),
                                   hyperparameters=hyperparameters, oof_miou=oof_miou, deployment=deployment,
-                                  run_name=run_name)
+                                  run_name=run_name, round_=round_, round_reason=round_reason)
     get_run_logger().info(result.summary())
     return result
 

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -61,8 +62,13 @@ class SubmitResult:
     reason: str = ""                     # why this run did or did not submit (policy, mode)
     user: int | None = None              # the leaderboard's user number (with local_id: the object key)
     score: str = ""                      # where the score is: "" when public_score has it
+    round: int | None = None             # the pseudo-label round whose ensemble this file is (choose_round)
+    round_reason: str = ""               # why that round
 
     def summary(self) -> str:
+        return self._summary() + (f"\n  sent round {self.round}: {self.round_reason}" if self.round_reason else "")
+
+    def _summary(self) -> str:
         if self.status == "dry-run":
             return (f"submit: dry run, not submitted: {self.reason} | {self.csv} linted OK "
                     f"(sha256 {self.sha256[:12]})")
@@ -240,7 +246,7 @@ def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_
 
 def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, *, key: str | None,
         hyperparameters: dict, force: bool = False, oof_miou: float | None = None, deployment: str | None = None,
-        run_name: str = "") -> SubmitResult:
+        run_name: str = "", round_: int | None = None, round_reason: str = "") -> SubmitResult:
     """Write out_dir/submission.csv from infer_dir's (N, H, W) masks, lint it, and submit it if the policy allows.
 
     `deployment` is the Prefect deployment this run belongs to (None: a run by hand) and `oof_miou` its
@@ -262,7 +268,9 @@ def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, 
     decision = decide(params, deployment, oof_miou, history)
     log.info("%s: %s", "submitting" if decision.submit else "not submitting", decision.reason)
     base = dict(csv=str(csv), sha256=report.sha256, mode=params.mode, description=params.description,
-                oof_miou=_finite(oof_miou), reason=decision.reason)
+                oof_miou=_finite(oof_miou), reason=decision.reason, round=round_, round_reason=round_reason)
+    if round_reason:
+        log.info("sending round %s: %s", round_, round_reason)
     if not decision.submit:
         result = SubmitResult(status="dry-run", **base)
         write_json(out_dir / "result.json", asdict(result))
@@ -347,15 +355,50 @@ def write_cv_lb(history: list[dict], margin: float, out_dir: Path) -> CvLb:
 
 
 def infer_oof_miou(infer_dir: Path) -> float | None:
-    """The ensemble's OOF mIoU from the infer stage's metrics.json; None when the stage did not write one."""
+    """The ensemble's honest (nested) OOF mIoU from the infer stage's metrics.json; None when it wrote none."""
     path = Path(infer_dir) / "metrics.json"
     return json.loads(path.read_text()).get("oof_miou") if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class RoundChoice:
+    round: int | None
+    infer_dir: Path
+    oof_miou: float | None
+    reason: str
+
+
+def choose_round(infer: Path) -> RoundChoice:
+    """What to send: of the rounds under `infer` (r0, r1, ...: an infer output each), the one whose ensemble has the
+    best honest OOF mIoU, the earlier on a tie (a pseudo-label round must gain to be sent). A single round's folder
+    (holding test_masks.npy) is sent as given."""
+    infer = Path(infer)
+    if (infer / "test_masks.npy").is_file():
+        m = re.fullmatch(r"r(\d+)", infer.name)
+        return RoundChoice(int(m[1]) if m else None, infer, _finite(infer_oof_miou(infer)),
+                           f"the infer output given ({infer})")
+    rounds = {int(d.name[1:]): d for d in sorted(infer.iterdir()) if re.fullmatch(r"r\d+", d.name)
+              and (d / "test_masks.npy").is_file()} if infer.is_dir() else {}
+    if not rounds:
+        raise SubmitFailed(f"no r<N>/test_masks.npy under {infer}: run the infer stage first (`dvc repro infer`)")
+    figures = {r: _finite(infer_oof_miou(d)) for r, d in sorted(rounds.items())}
+    scored = {r: v for r, v in figures.items() if v is not None}
+    last = max(rounds)
+    if not scored:
+        return RoundChoice(last, rounds[last], None, f"no round has an OOF figure: the last one, r{last}")
+    best = max(scored, key=lambda r: (scored[r], -r))
+    table = ", ".join(f"r{r} {v:.4f}" for r, v in scored.items())
+    why = f"r{best} has the best nested OOF mIoU of the rounds ({table})"
+    if best != last:
+        why += f"; the pseudo-label round{'s' if last - best > 1 else ''} after it did not gain"
+    return RoundChoice(best, rounds[best], scored[best], why)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
-    p.add_argument("--infer", type=Path, default=Path("artifacts/infer/r1"), help="the last round's infer output")
+    p.add_argument("--infer", type=Path, default=Path("artifacts/infer"), help="the infer outputs (r0, r1, ...): "
+                   "the round with the best nested OOF mIoU is sent; or one round's folder, sent as given")
     p.add_argument("--out", type=Path, default=Path("artifacts/submit"))
     p.add_argument("--run-name", default="", help="the run this file came from, for the history "
                    "(default: manual-<UTC time>)")
@@ -374,14 +417,19 @@ def main(argv: list[str] | None = None) -> None:
         params = params.model_copy(update={"mode": "dry-run"})
     data = parse_section(raw, "data", DataParams, str(args.params))
     key = os.environ.get(KEY_ENV)
-    oof = infer_oof_miou(args.infer)
+    try:
+        choice = choose_round(args.infer)
+    except SubmitFailed as e:
+        raise SystemExit(f"submit failed: {e}") from None
+    print(f"submit: round {choice.round}: {choice.reason}")
+    oof = choice.oof_miou
     decision = decide(params, None, oof, read_history(params))   # a run by hand belongs to no deployment
     if decision.submit and not key:                  # fail before minutes of CSV writing, not after
         raise SystemExit(f"{KEY_ENV} is not set: export your leaderboard key, or set submit.mode: dry-run")
     hyper = {name: raw.get(name, {}) for name in ("train", "retrain", "infer")}
     try:
-        result = run(params, data, args.infer, args.out, key=key, hyperparameters=hyper, force=args.force,
-                     oof_miou=oof, run_name=args.run_name)
+        result = run(params, data, choice.infer_dir, args.out, key=key, hyperparameters=hyper, force=args.force,
+                     oof_miou=oof, run_name=args.run_name, round_=choice.round, round_reason=choice.reason)
     except (SubmitFailed, LeaderboardError) as e:
         raise SystemExit(f"submit failed: {e}") from None
     print(result.summary())

@@ -164,6 +164,50 @@ def test_submit_stage_main_needs_key_in_submit_mode(sub, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "dry-run"
 
 
+def _rounds(tmp_path, names, masks, figures: dict[int, float]):
+    """infer/r<N>/ for each round: its masks (round N's masks are `masks` with N added) and its nested OOF figure."""
+    root = tmp_path / "infer"
+    for r, oof in figures.items():
+        d = root / f"r{r}"
+        d.mkdir(parents=True)
+        np.save(d / "test_masks.npy", ((masks + r) % NC).astype(np.uint8))
+        (d / "test_index.json").write_text(json.dumps({"file_names": names}))
+        (d / "metrics.json").write_text(json.dumps({"oof_miou": oof, "selected_oof_miou": oof + 0.01}))
+    return root
+
+
+@pytest.mark.parametrize("figures, sent, why", [
+    ({0: 0.50, 1: 0.45}, 0, "the pseudo-label round after it did not gain"),
+    ({0: 0.50, 1: 0.55}, 1, "r1 has the best nested OOF mIoU of the rounds (r0 0.5000, r1 0.5500)"),
+    ({0: 0.50, 1: 0.50}, 0, "did not gain"),                                  # a tie is no gain
+    ({0: 0.40, 1: 0.52, 2: 0.47}, 1, "; the pseudo-label round after it did not gain"),
+    ({0: 0.60, 1: 0.50, 2: 0.55}, 0, "the pseudo-label rounds after it did not gain")])
+def test_the_round_sent_is_the_one_with_the_best_honest_figure(sub, tmp_path, figures, sent, why):
+    from pipelines.submit import choose_round, main
+
+    _, names, masks = sub
+    root = _rounds(tmp_path, names, masks, figures)
+    choice = choose_round(root)
+    assert (choice.round, choice.infer_dir, choice.oof_miou) == (sent, root / f"r{sent}", figures[sent])
+    assert why in choice.reason
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"root": "x", "classes": list(TRASH_CLASSES)},
+                                      "submit": {"base_url": "http://127.0.0.1:9", "competition_id": 1}}))
+    main(["--params", str(params), "--infer", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert (result["round"], result["oof_miou"]) == (sent, figures[sent]) and why in result["round_reason"]
+    expected = write_submission(tmp_path / "expected.csv", names, ((masks + sent) % NC).astype(np.uint8))
+    assert result["sha256"] == sha256_file(expected)          # that round's masks, not the last round's
+    # one round's folder is sent as given
+    assert choose_round(root / "r0").reason.startswith("the infer output given")
+
+
+def test_the_round_choice_fails_without_any_round(tmp_path):
+    from pipelines.submit import SubmitFailed, choose_round
+    with pytest.raises(SubmitFailed, match="no r<N>/test_masks.npy under"):
+        choose_round(tmp_path)
+
+
 def test_leaderboard_client_imports_without_fastapi():
     import subprocess
     import sys
