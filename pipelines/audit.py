@@ -34,12 +34,14 @@ SIZE = 256      # every OOF figure of the infer stage is measured at the submiss
 
 
 def fold_relabels(report: dict, members_dir: Path, flagged: list[Sample], fold_of: dict[str, int],
-                  threshold: float, ignore: int) -> dict[str, dict[int, np.ndarray]]:
+                  threshold: float, ignore: int) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, list[str]]]:
     """{image: {fold k: its confident label (SIZE x SIZE)}} for every fold k whose student trains on the image, voted
-    by fold k's members (the checkpoints the infer stage used, verified by their sha256), plain prediction."""
+    by fold k's members (the checkpoints the infer stage used, verified by their sha256), plain prediction; and
+    {fold k: the members that voted its labels} (the provenance affected.json keeps)."""
     device = pick_device()
     best = {n: d for n, d in report["member_details"].items() if d.get("epoch", "best") == "best"}
     labels: dict[str, dict[int, np.ndarray]] = {s.file_name: {} for s in flagged}
+    voters: dict[str, list[str]] = {}
     for fold in sorted({d["fold"] for d in best.values()}):
         images = [s for s in flagged if fold_of[s.file_name] != fold]
         teachers = []
@@ -56,9 +58,10 @@ def fold_relabels(report: dict, members_dir: Path, flagged: list[Sample], fold_o
                                    channels_last=cfg.get("channels_last", False),
                                    amp_dtype=autocast_dtype(device, cfg.get("amp", False)))[0]
             teachers.append(MemberProbs(d["model"], [s.file_name for s in images], probs))
+            voters.setdefault(str(fold), []).append(name)
         for name, probs in ensemble_oof(teachers, report["weights"], [s.file_name for s in images], SIZE):
             labels[name][fold] = pseudo_label(probs, threshold, ignore)
-    return labels
+    return labels, voters
 
 
 def write_mask(label: np.ndarray, like: np.ndarray, path: Path) -> None:
@@ -135,8 +138,8 @@ def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Pa
         worst_grid(tiles, tmp / "worst.png", f"lowest out-of-fold mIoU (ensemble of round {report.get('round')})")
 
     listed = ranked[: params.n if action != "none" else 0]
-    per_fold = fold_relabels(report, Path(members_dir), [by_name[r.file_name] for r in listed], fold_of,
-                             params.relabel_threshold, ignore) if fold_teachers else {}
+    per_fold, voters = fold_relabels(report, Path(members_dir), [by_name[r.file_name] for r in listed], fold_of,
+                                     params.relabel_threshold, ignore) if fold_teachers else ({}, {})
     affected = []
     for r in listed:
         entry = {"file_name": r.file_name, "rank": r.rank, "miou": r.miou}
@@ -158,6 +161,9 @@ def run(data: DataParams, params: AuditParams, validate_dir: Path, infer_dir: Pa
     write_json(tmp / AFFECTED, {
         "action": action, "n": params.n, "round": report.get("round"), "images": affected,
         "teacher": params.teacher if action == "relabel" else None,
+        # fold k's student -> the members whose vote relabelled its images (all: each image's OOF members)
+        "teachers": voters if fold_teachers else None,
+        "member_folds": {n: d.get("fold") for n, d in report["member_details"].items()},
         "relabel_threshold": params.relabel_threshold, "infer_report": str(report_path),
         "rule": "the worst n images by out-of-fold mIoU; training side of the next round only"})
     values = np.array([r.miou for r in ranked], float)

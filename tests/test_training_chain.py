@@ -102,6 +102,8 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
     assert pidx["teacher"] == "fold" and sorted(pidx["folds"]) == ["0", "1"] and "samples" not in pidx
     prov = json.loads((tmp_path / "pseudo" / "r1" / "provenance.json").read_text())
     assert prov["teachers"] == {"f0": ["unet_r18-s0-f0"], "f1": ["unet_r18-s0-f1"]}
+    for label_set, voters in prov["teachers"].items():      # by provenance: fold k's set from fold k's members only
+        assert all(prov["ensemble"]["members"][m]["fold"] == int(label_set[1:]) for m in voters)
     assert set(prov["ensemble"]["members"]) == {"unet_r18-s0-f0", "unet_r18-s0-f1"}
     test_names = json.loads((tmp_path / "infer" / "r0" / "test_index.json").read_text())["file_names"]
     for fold in (0, 1):
@@ -118,6 +120,9 @@ def test_chain_split_train_pseudo_retrain_infer(tmp_path):
                      tmp_path / "audit", members_dir=tmp_path / "train")
     affected = json.loads((tmp_path / "audit" / "affected.json").read_text())
     assert affected["teacher"] == "fold" and len(ares.affected) == 3
+    # by provenance: no label a student trains on was voted by a member that trained on the student's fold
+    for student, voters in affected["teachers"].items():
+        assert voters and all(affected["member_folds"][m] == int(student) for m in voters)
     train_samples = load_index(vdir / "index.json")[0]
     for entry in affected["images"]:
         own = folds[entry["file_name"]]
