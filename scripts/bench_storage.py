@@ -57,7 +57,7 @@ TINY = {"arch": "unet", "encoder": "resnet18", "encoder_weights": None,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset in the COCO layout (train_all.json, "
-                   "test.json, photo folders), e.g. the `generate` stage's competition shape")
+                   "test.json, photo folders); when it holds none, the `generate` stage's competition shape is written there")
     p.add_argument("--out", type=Path, default=Path("/tmp/segpipe-bench-storage"))
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     p.add_argument("--input-size", type=int, default=512)
@@ -368,10 +368,24 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generate_competition(root: Path, params: Path) -> None:
+    """No dataset at --data: the generate stage's competition shape is written there (its test labels beside it)."""
+    import pipelines.generate
+    from segpipe.config import DataParams, GenerateParams, load_params
+    print(f"bench_storage: no train_all.json under {root}: generating the competition-shaped set there "
+          "(generate.shape: competition, about a minute)", flush=True)
+    seed = load_params("generate", GenerateParams, params).seed
+    data = load_params("data", DataParams, params).model_copy(update={
+        "root": str(root), "hidden_labels": str(root.parent / "leaderboard")})
+    pipelines.generate.run(GenerateParams(shape="competition", seed=seed), data)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.fractions = sorted(set(args.fractions), reverse=True)
+    if not (args.data / "train_all.json").is_file():
+        generate_competition(args.data, args.params)
     n_train = len(json.loads((args.data / "train_all.json").read_text())["images"])
     n_test = len(json.loads((args.data / "test.json").read_text())["images"])
     probe = write_params(args, args.data, n_train, args.out / "probe-params.yaml")
