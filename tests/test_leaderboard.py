@@ -478,6 +478,7 @@ def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_pat
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.full_pipeline import submit_and_record
+    from pipelines.submit import RoundChoice
     from segpipe.config import load_all
 
     names, labels = board["names"], board["labels"]
@@ -491,7 +492,8 @@ def test_flow_submits_by_deployment_and_publishes_history(board, s3_env, tmp_pat
 
     @flow(name="submit-check")
     def submit_check(run: str) -> dict:
-        return submit_and_record(p, tmp_path / run, tmp_path / run / "infer", f"runs/{tmp_path.name}-{run}", run, 0.6)
+        sent = RoundChoice(0, tmp_path / run / "infer", 0.6, "the only round")
+        return submit_and_record(p, tmp_path / run, sent, f"runs/{tmp_path.name}-{run}", run)
 
     with prefect_test_harness(server_startup_timeout=180):
         _infer_dir(tmp_path / "r1" / "infer", names, labels)
