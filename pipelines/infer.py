@@ -165,7 +165,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     row_member = {g: min(single[g], key=lambda m: m.fold).name for g in groups}
     level_metric = {g: [MIoU(nc, ignore) for _ in steps] for g in groups}
     row_test: dict[str, list[Path]] = {}      # per model: its single-network test masks per TTA level (files)
-    seed_plain: dict[tuple[str, int], MIoU] = {}   # (model, seed): its best members' OOF mIoU, no TTA
+    seed_plain: dict[tuple[str, int], MIoU] = {}   # (model, later seed): its best members' OOF mIoU, no TTA
 
     decoded = DecodedImages(tmp / ".work")
     oof_files: list[StoredMember] = []
@@ -198,13 +198,13 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
                 out.write(levels[-1])
                 truth = masks.read(member_rows[sl])
                 metric.cm += confusion_matrix(truth, at_out_size(levels[-1]).argmax(1).numpy(), nc, ignore)
-                if m.epoch == "best":       # the plain single-model figure of every seed: the noise band
-                    seed_plain.setdefault((m.group, m.seed), MIoU(nc, ignore)).cm += confusion_matrix(
-                        truth, at_out_size(levels[0]).argmax(1).numpy(), nc, ignore)
                 if m in single[m.group]:
                     for k, lv in enumerate(levels):
                         level_metric[m.group][k].cm += confusion_matrix(truth, at_out_size(lv).argmax(1).numpy(),
                                                                         nc, ignore)
+                elif m.epoch == "best":     # the other seeds' plain single-model figure: the noise band
+                    seed_plain.setdefault((m.group, m.seed), MIoU(nc, ignore)).cm += confusion_matrix(
+                        truth, at_out_size(levels[0]).argmax(1).numpy(), nc, ignore)
         oof_files.append(StoredMember(m.group, names, mdir / "oof.npy"))
         keep_rows = m.name == row_member[m.group]
         images = decoded.get("test", test, dsize, DECODE_CHUNK)
@@ -286,7 +286,9 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     write_json(tmp / "test_index.json", {"file_names": test_names})
 
     single_rows = {g: {name: level_metric[g][k].value for k, (name, _, _) in enumerate(steps)} for g in groups}
-    seed_rows = {g: {s: v.value for (grp, s), v in sorted(seed_plain.items()) if grp == g} for g in groups}
+    # per model, the plain single-model figure of each seed: the first seed's is the single row's own
+    seed_rows = {g: {single[g][0].seed: single_rows[g]["plain"],
+                     **{s: v.value for (grp, s), v in sorted(seed_plain.items()) if grp == g}} for g in groups}
     teacher = sorted({str(d["pseudo_teacher"]) for d in member_report.values() if d.get("pseudo_teacher")})
     rows = ablation_rows(params, round_, steps, groups, members, single_rows, row_member, row_test, group_oof,
                          weights, ens, nested, test_ens, len(test_names), tmp, "/".join(teacher) or None,

@@ -77,12 +77,12 @@ def run(data: DataParams, params: PseudoParams, validate_dir: Path, infer_dir: P
     sets = teachers(infer_dir, report, names, len(classes), params.teacher)
     shutil.rmtree(out_dir, ignore_errors=True)          # no mask of an earlier run may survive into this set
     samples: dict[str, list[dict]] = {}
-    made = {}
+    confident_share: dict[str, float] = {}      # per label set, the mean share of confident pixels
     kept_pixels = np.zeros(256, np.int64)
     for label_set, (_, probs) in sets.items():
         pseudo = make_pseudo_labels(probs, thresholds, params.min_confident_fraction, data.ignore_index,
                                     unsure_label)
-        made[label_set] = pseudo
+        confident_share[label_set] = float(pseudo.confident_fraction.mean()) if names else 0.0
         samples[label_set] = []
         for mask, i in zip(pseudo.masks, pseudo.kept):
             rel = Path("masks") / label_set / Path(names[i]).with_suffix(".png")
@@ -114,7 +114,7 @@ def run(data: DataParams, params: PseudoParams, validate_dir: Path, infer_dir: P
         "unsure_label": data.ignore_index if unsure_label is None else unsure_label,
     })
     n_kept = {k: len(v) for k, v in samples.items()}
-    confident = float(np.mean([p.confident_fraction.mean() for p in made.values()])) if names else 0.0
+    confident = float(np.mean(list(confident_share.values())))
     write_json(out_dir / "metrics.json", {
         "kept": min(n_kept.values()), "test_images": len(names), "mean_confident_fraction": confident,
         **({f"kept/{k}": v for k, v in n_kept.items()} if params.teacher == "fold" else {}),

@@ -222,29 +222,24 @@ class StoredEnsemble:
                    ) -> list[np.ndarray]:
         """One confusion matrix over the whole set per weighting: the argmax of its vote, resized to the masks'
         size (N, S, S), against the masks; every chunk of the files is read once for all of them."""
-        cms = [np.zeros((self.num_classes, self.num_classes), np.int64) for _ in weightings]
-        used = [g for g in self.groups if any(w.get(g, 0) > 0 for w in weightings)]
-        for rows in self.chunks():
-            parts = self.means(rows, used)
-            for cm, w in zip(cms, weightings):
-                pred = self.vote(parts, w, masks.shape[-1]).argmax(1).numpy()
-                cm += confusion_matrix(masks[rows], pred, self.num_classes, ignore_index)
-        return cms
-
+        return [cm[0] for cm in self.fold_confusions(weightings, masks, ignore_index)]
 
     def fold_confusions(self, weightings: Sequence[dict[str, float]], masks: np.ndarray, ignore_index: int,
-                        fold_of_row: np.ndarray, n_folds: int) -> list[np.ndarray]:
-        """Like `confusions`, split by fold: per weighting an (n_folds, C, C) array, row i counted in fold
-        fold_of_row[i]; one pass over the files for all of them."""
+                        fold_of_row: np.ndarray | None = None, n_folds: int = 1) -> list[np.ndarray]:
+        """`confusions` split by fold: per weighting an (n_folds, C, C) array, row i counted in fold
+        fold_of_row[i] (None: every row in fold 0); one pass over the files for all of them."""
         c = self.num_classes
         cms = [np.zeros((n_folds, c, c), np.int64) for _ in weightings]
         used = [g for g in self.groups if any(w.get(g, 0) > 0 for w in weightings)]
         for rows in self.chunks():
             parts = self.means(rows, used)
-            folds = fold_of_row[rows]
             truth = masks[rows]
+            folds = None if fold_of_row is None else fold_of_row[rows]
             for cm, w in zip(cms, weightings):
                 pred = self.vote(parts, w, masks.shape[-1]).argmax(1).numpy()
+                if folds is None:
+                    cm[0] += confusion_matrix(truth, pred, c, ignore_index)
+                    continue
                 for f in np.unique(folds):
                     at = folds == f
                     cm[f] += confusion_matrix(truth[at], pred[at], c, ignore_index)
@@ -283,6 +278,12 @@ class WeightSearch:
     evaluations: list[dict]          # every weighting tried, with its OOF mIoU, in order
 
 
+def weighting_key(w: dict[str, float], groups: Sequence[str]) -> tuple:
+    """A weighting normalised to sum 1: (1, .5) and (2, 1) are one weighting, scored once."""
+    total = sum(w.values())
+    return tuple(round(w[g] / total, 6) for g in groups)
+
+
 def search_weights(score_many: Callable[[list[dict[str, float]]], list[float]], groups: Sequence[str],
                    grid: Sequence[float], max_sweeps: int = 3) -> WeightSearch:
     """Coordinate ascent over per-group weights on the OOF mIoU, from equal weights.
@@ -297,19 +298,16 @@ def search_weights(score_many: Callable[[list[dict[str, float]]], list[float]], 
     cache: dict[tuple, float] = {}
     trace: list[dict] = []
 
-    def key(cand: dict[str, float]) -> tuple:
-        total = sum(cand.values())
-        return tuple(round(cand[g] / total, 6) for g in groups)      # (1, .5) and (2, 1) are one weighting
-
     def evaluate(cands: list[dict[str, float]]) -> list[float]:
+        keys = [weighting_key(c, groups) for c in cands]
         new: dict[tuple, dict[str, float]] = {}
-        for c in cands:
-            if key(c) not in cache:
-                new.setdefault(key(c), c)
+        for k, c in zip(keys, cands):
+            if k not in cache:
+                new.setdefault(k, c)
         for (k, c), s in zip(new.items(), score_many(list(new.values())) if new else []):
             cache[k] = s
             trace.append({"weights": dict(c), "oof_miou": s})
-        return [cache[key(c)] for c in cands]
+        return [cache[k] for k in keys]
 
     best = uniform = evaluate([w])[0]
     if len(groups) < 2:
@@ -351,15 +349,12 @@ def nested_search(fold_cms: Callable[[list[dict[str, float]]], list[np.ndarray]]
     scored once for all the searches, which mostly try the same ones."""
     cache: dict[tuple, np.ndarray] = {}
 
-    def key(w: dict[str, float]) -> tuple:
-        total = sum(w.values())
-        return tuple(round(w[g] / total, 6) for g in groups)
-
     def cms(weightings: list[dict[str, float]]) -> list[np.ndarray]:
-        new = {key(w): w for w in weightings if key(w) not in cache}
+        keys = [weighting_key(w, groups) for w in weightings]
+        new = {k: w for k, w in zip(keys, weightings) if k not in cache}
         for k, cm in zip(new, fold_cms(list(new.values())) if new else []):
             cache[k] = cm
-        return [cache[key(w)] for w in weightings]
+        return [cache[k] for k in keys]
 
     chosen, total = [], None
     for k in range(n_folds):
