@@ -52,6 +52,9 @@ class GenerateParams(Section):
     seed: int = 0
     objects_per_image: float | None = Field(default=None, gt=0)    # mean objects per photo; the competition's ~7.9
     unknown_fraction: float | None = Field(default=None, ge=0, lt=1)   # annotations labelled UNKNOWN (> 0 adds it)
+    colours: Literal["overlapping", "distinct"] | None = None   # distinct: a hue band per class (learnable fast)
+    class_balance: float | None = Field(default=None, ge=0, le=1)   # 0: real class frequencies; 1: all equal
+    min_object: float | None = Field(default=None, ge=0, lt=0.5)    # smallest object radius, fraction of the side
 
 
 class ValidateParams(Section):

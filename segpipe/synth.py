@@ -8,6 +8,11 @@ overlap rule labels; labels are rasterised from the very polygons written to the
 Two shapes (`generate.shape`, SHAPES below): `demo`, small photos in train folders and a test folder of its own for
 the CPU demo, and `competition`, the real data's: 512 px photos, train and test photos sharing the three batch
 folders, the real split sizes and object density, and an `UNKNOWN` category on a few annotations.
+
+The demo is made to be learnt from scratch on 2 CPU cores in minutes, so that its ablation measures steps of a
+model that has learnt something: each class has a hue band of its own (`colours: distinct`), classes are drawn
+equally often (`class_balance: 1`) and no object is smaller than 4% of the side (`min_object`). The competition
+shape keeps the real data's difficulty: shared hues, the real class frequencies, objects down to a few pixels.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ STYLE = {
     9: ("battery", (0, 30), (120, 240), (60, 200), 0.25),    # Battery: small cylinders with a band
     10: ("cloth", (100, 170), (60, 200), (50, 200), 1.5),    # Clothing: large, striped fabric
 }
+# colours: distinct: class c's hue band in a partition of the hue circle (OpenCV 0..180) into 10, saturated and
+# bright, so that colour alone names the class: the demo's classes are learnt from scratch in a few epochs
+DISTINCT_HUE_WIDTH = 18
+DISTINCT_SAT, DISTINCT_VAL = (170, 240), (150, 240)
 SPLIT_CODE = {"train": 1, "test": 2}
 # Objects per photo: a hump over 1..8 (mean 385/84 ~ 4.58). `objects_per_image` rescales each draw after it is made,
 # so the random stream never depends on it; at the default 4.6 every count rounds back to itself (the demo data of
@@ -60,14 +69,17 @@ COMPETITION_FOLDERS = ("batch_01_vt", "batch_02_vt", "batch_03")
 UNKNOWN_CATEGORY = {"id": 0, "name": "UNKNOWN", "supercategory": "UNKNOWN"}
 # generate.shape -> the generator's numbers; a key set in params.yaml's `generate` section overrides its value.
 SHAPES: dict[str, dict[str, float]] = {
-    # the CPU demo: the whole chain in minutes on 2 cores
+    # the CPU demo: the whole chain in minutes on 2 cores, on classes a model learns from scratch in a few epochs
     "demo": {"n_train": 192, "n_test": 48, "image_size": 256, "n_batches": 4, "val_fraction": 0.2,
-             "objects_per_image": 4.6, "unknown_fraction": 0.0},
+             "objects_per_image": 4.6, "unknown_fraction": 0.0,
+             "colours": "distinct", "class_balance": 1.0, "min_object": 0.04},
     # the real data: train_all 3,272 (train 2,618 / val 654) + 819 test photos of 512 px in the three shared folders,
     # ~26k annotations (7.9 per photo); the share of UNKNOWN annotations is an assumption (a few per hundred)
     "competition": {"n_train": 3272, "n_test": 819, "image_size": 512, "n_batches": len(COMPETITION_FOLDERS),
-                    "val_fraction": 0.2, "objects_per_image": 7.9, "unknown_fraction": 0.01},
+                    "val_fraction": 0.2, "objects_per_image": 7.9, "unknown_fraction": 0.01,
+                    "colours": "overlapping", "class_balance": 0.0, "min_object": 0.0},
 }
+COLOURS = ("overlapping", "distinct")
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ def shape_settings(shape: str, **given) -> dict:
             raise ValueError(f"generate.n_batches={kw['n_batches']}: the competition shape has the real data's "
                              f"{len(COMPETITION_FOLDERS)} folders {list(COMPETITION_FOLDERS)}; leave n_batches out")
         kw["folders"] = COMPETITION_FOLDERS
+    if kw["colours"] not in COLOURS:
+        raise ValueError(f"Wrong generate.colours `{kw['colours']}`, supported: {list(COLOURS)}")
     kw["n_train"], kw["n_test"], kw["image_size"], kw["n_batches"] = (
         int(kw["n_train"]), int(kw["n_test"]), int(kw["image_size"]), int(kw["n_batches"]))
     return kw
@@ -166,9 +180,12 @@ def _background(rng: np.random.Generator, size: int, tint: np.ndarray) -> np.nda
     return img
 
 
-def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
+def _texture(rng: np.random.Generator, cls: int, h: int, w: int, colours: str) -> np.ndarray:
     """Object colour/texture (h, w, 3) float32 BGR for one object's bounding box."""
     _, hue, sat, val, _ = STYLE[cls]
+    if colours == "distinct":   # same number of draws as the overlapping colours: the random stream is unchanged
+        lo = (cls - 1) * DISTINCT_HUE_WIDTH
+        hue, sat, val = (lo, lo + DISTINCT_HUE_WIDTH - 10), DISTINCT_SAT, DISTINCT_VAL
     hsv = np.array([[[rng.uniform(*hue), rng.uniform(*sat), rng.uniform(*val)]]], np.float32)
     base = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR).astype(np.float32)[0, 0]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -179,8 +196,12 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
         period = rng.uniform(3, 9)
         tex *= (0.75 + 0.25 * np.sign(np.sin((xx + yy * rng.uniform(-1, 1)) / period)))[..., None]
     elif cls == 9:   # battery: dark body, coloured band at one end
-        tex[:] = rng.uniform(20, 60)
-        tex[: max(1, h // 3)] = base
+        body = rng.uniform(20, 60)
+        if colours == "distinct":   # the class colour on the whole body (a dark band at one end): it stays nameable
+            tex[: max(1, h // 3)] *= 0.5
+        else:
+            tex[:] = body
+            tex[: max(1, h // 3)] = base
     elif cls == 3:   # printed box: blocks of a second colour
         tex[(xx // max(2, w // 4) + yy // max(2, h // 4)) % 2 == 0] *= rng.uniform(0.5, 0.9)
     elif cls in (5, 6):  # bottles: shading across
@@ -189,9 +210,23 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     return tex
 
 
-def _render(args: tuple[int, int, int, int, float]) -> tuple[bytes, list[dict]]:
+@dataclass(frozen=True)
+class Look:
+    """How objects are drawn: the settings that make a shape easy or hard to learn (SHAPES)."""
+
+    objects_per_image: float = 4.6
+    colours: str = "overlapping"      # overlapping: STYLE's hue ranges; distinct: a hue band per class
+    class_balance: float = 0.0        # 0: the real class frequencies (CLASS_FREQ); 1: every class equally often
+    min_object: float = 0.0           # smallest object radius, as a fraction of the side (else 2.5 px)
+
+    def class_p(self) -> np.ndarray:
+        return (1 - self.class_balance) * CLASS_FREQ + self.class_balance / len(CLASS_FREQ)
+
+
+def _render(args: tuple[int, int, int, int, Look]) -> tuple[bytes, list[dict]]:
     """One image: JPEG bytes and its annotations (category_id, segmentation polygons, iscrowd flag)."""
-    seed, split_code, index, size, objects_per_image = args
+    seed, split_code, index, size, look = args
+    objects_per_image, class_p = look.objects_per_image, look.class_p()
     rng = np.random.default_rng([seed, split_code, index])
     tint = rng.uniform(60, 170, 3).astype(np.float32)
     img = _background(rng, size, tint)
@@ -200,10 +235,10 @@ def _render(args: tuple[int, int, int, int, float]) -> tuple[bytes, list[dict]]:
     n_obj = max(1, round(n_obj * objects_per_image / BASE_OBJECTS_PER_IMAGE))
     objs = []
     for _ in range(n_obj):
-        cls = int(rng.choice(np.arange(1, 11), p=CLASS_FREQ))
+        cls = int(rng.choice(np.arange(1, 11), p=class_p))   # one draw whatever p: the stream stays aligned
         # log-uniform radius from tiny (~1.5% of the side) to half the image
         r = size * math.exp(rng.uniform(math.log(0.015), math.log(0.25))) * STYLE[cls][4]
-        r = float(np.clip(r, 2.5, size * 0.5))
+        r = float(np.clip(r, max(2.5, look.min_object * size), size * 0.5))
         cx, cy = rng.uniform(0.1, 0.9, 2) * size
         polys = []
         for p in _shape(STYLE[cls][0], rng, cx, cy, r):
@@ -223,7 +258,7 @@ def _render(args: tuple[int, int, int, int, float]) -> tuple[bytes, list[dict]]:
         cv2.fillPoly(m, [p - (x0, y0) for p in polys], 1)
         if not m.any():
             continue
-        tex = _texture(rng, cls, y1 - y0, x1 - x0)
+        tex = _texture(rng, cls, y1 - y0, x1 - x0, look.colours)
         sel = m.astype(bool)
         img[y0:y1, x0:x1][sel] = tex[sel]
         anns.append({"category_id": cls, "segmentation": [p.reshape(-1).astype(float).tolist() for p in polys],
@@ -284,6 +319,7 @@ def generate(
     out_dir: Path, hidden_dir: Path, *, n_train: int, n_test: int, image_size: int, n_batches: int,
     val_fraction: float, seed: int, classes: tuple[str, ...] | list[str], objects_per_image: float = 4.6,
     unknown_fraction: float = 0.0, folders: Sequence[str] | None = None, workers: int | None = None,
+    colours: str = "overlapping", class_balance: float = 0.0, min_object: float = 0.0,
 ) -> SynthSummary:
     """Write train_all/train/val/test.json + batch folders to out_dir and the test labels to hidden_dir.
 
@@ -292,6 +328,7 @@ def generate(
     else these folders, each holding train and test photos (the competition's).
     unknown_fraction: > 0 adds the UNKNOWN category and relabels that share of each split's annotations (at least
     one) with it; the hidden test labels take their pixels as background, the class the leaderboard scores them as.
+    colours, class_balance, min_object: how learnable the objects are (Look); the defaults are the real data's.
     """
     if len(classes) != 11:
         raise ValueError(f"the synthetic dataset has 10 trash classes + background; got {len(classes)} classes")
@@ -312,7 +349,12 @@ def generate(
         folder_list = tuple(dict.fromkeys(n.split("/")[0] for n in names["train"] + names["test"]))
     if objects_per_image <= 0:
         raise ValueError(f"generate.objects_per_image must be > 0, got {objects_per_image}")
-    jobs = [(seed, SPLIT_CODE[s], i, image_size, objects_per_image) for s in ("train", "test")
+    if not 0 <= class_balance <= 1:
+        raise ValueError(f"generate.class_balance must be in [0, 1], got {class_balance}")
+    if not 0 <= min_object < 0.5:
+        raise ValueError(f"generate.min_object must be in [0, 0.5), a fraction of the side; got {min_object}")
+    look = Look(objects_per_image, colours, class_balance, min_object)
+    jobs = [(seed, SPLIT_CODE[s], i, image_size, look) for s in ("train", "test")
             for i in range(len(names[s]))]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) >= 64:  # per-image seeds: identical output for any worker count

@@ -130,11 +130,12 @@ DEMO_JSON_SHA256 = {
 }
 
 
-def test_demo_shape_is_the_default_and_unchanged(synth):
+def test_generator_defaults_unchanged_and_demo_shape_is_the_default(synth):
     data, _ = synth
     assert {f: hashlib.sha256((data / f).read_bytes()).hexdigest() for f in DEMO_JSON_SHA256} == DEMO_JSON_SHA256
     demo = {"n_train": 192, "n_test": 48, "image_size": 256, "n_batches": 4, "val_fraction": 0.2,
-            "objects_per_image": 4.6, "unknown_fraction": 0.0}
+            "objects_per_image": 4.6, "unknown_fraction": 0.0, "colours": "distinct", "class_balance": 1.0,
+            "min_object": 0.04}
     assert pipelines.generate.settings(load_params("generate")) == demo      # params.yaml: shape demo
     assert pipelines.generate.settings(GenerateParams()) == demo            # an empty section: the same
     # a key given replaces the shape's value; the others stay
