@@ -68,7 +68,7 @@ class Submission:
     id: int | None                               # None: the server gives none (the published protocol)
     local_id: int
     user: int
-    status: str                                  # pending | scored | failed | submitted (no score API to ask)
+    status: str                                  # pending | scored | failed | expired | submitted (no score API)
     description: str = ""
     hyperparameters: dict = field(default_factory=dict)
     public_score: float | None = None
@@ -78,6 +78,7 @@ class Submission:
     scored_at: str | None = None
     error: str | None = None
     content_sha256: str | None = None
+    released: bool = False                       # gave its file back (never uploaded, or other bytes): send it again
     existing: bool = False                       # the server returned an earlier submission of the same file
 
     @classmethod
@@ -233,7 +234,7 @@ class LeaderboardClient:
         reserved = None
         listed = None if force else self._extra("submissions/")
         if listed is not None:                   # the same file again costs no slot, even the last one
-            same = [s for s in map(Submission.from_json, listed) if s.content_sha256 == digest]
+            same = [s for s in map(Submission.from_json, listed) if s.content_sha256 == digest and not s.released]
             done = [s for s in same if s.status != "pending"]
             if done:
                 log.info("leaderboard already has this file as submission %s (%s)", done[0].id, done[0].status)

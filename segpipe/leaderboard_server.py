@@ -7,6 +7,16 @@ Start it with `python -m segpipe.leaderboard serve ...` (see `segpipe.leaderboar
 leaderboard may: presigned_url answers `url`, the five policy fields (no `key`) and `submission` {user,
 local_id}; the limits, listing, score and reveal endpoints answer 404. It still stores, scores and shows each
 upload on its page, and still refuses a slot past the daily limit (429).
+
+A reservation (one presigned_url answer) is one row. What the scorer trusts and refuses:
+- it scores only the bytes declared: an upload whose sha256 differs from the request's `content_sha256` fails
+  with the reason, unscored; a new row's `local_id` is one past the highest in the state *and* in the bucket, so
+  its object key never holds an object left by an earlier server or state dir;
+- a row whose upload never arrives is `expired` once its URL has (plus a grace): it stops counting toward the
+  daily limit, and the same file (same `content_sha256` and `nonce`) may ask again, getting a new row. Expired
+  and mismatched rows are `released`: they no longer hold their file's idempotency key;
+- query values are bounded (ids within SQLite's 64 bits, descriptions, hyperparameters' length and nesting):
+  a hostile value gets a 4xx, and one row that cannot be scored fails alone while the others are scored.
 """
 
 from __future__ import annotations
@@ -24,20 +34,33 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from botocore.exceptions import ClientError
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import HTMLResponse
+from botocore.exceptions import BotoCoreError, ClientError
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from segpipe.leaderboard import OBJECT_KEY
 from segpipe.metrics import confusion_matrix, iou_per_class
 from segpipe.storage import S3Config
-from segpipe.submission import SubmissionError, read_submission, size_bounds
+from segpipe.submission import SubmissionError, read_submission, sha256_file, size_bounds
 
 log = logging.getLogger("segpipe.leaderboard")
 
 DEFAULT_MAX_UPLOAD = 256 << 20    # used only while the hidden labels do not exist yet (no N to derive a bound)
+MAX_ID = 2**63 - 1                # SQLite INTEGER is signed 64-bit: a larger id cannot even be looked up
+MAX_DESCRIPTION = 2000            # characters; a leaderboard row's label, not a document
+MAX_HYPERPARAMETERS = 65536       # characters of JSON; real configs are a few hundred
+MAX_HYPERPARAMETERS_DEPTH = 32    # nesting levels; far past any config, and well inside every recursive encoder
+# uvicorn's h11 answers a request head over 16 KiB with a bare 400 and a reset connection (the client may never
+# read the answer), before the limits above can name what is too long. Reading heads up to 8 MiB lets a query of
+# megabytes get the 422 that names its limit; only past this does the bare 400 remain.
+MAX_REQUEST_HEAD = 8 << 20
+EXPIRY_GRACE_S = 60.0             # an upload that passed the policy check just before expiry may still be landing
+STORE_ERRORS = (BotoCoreError, ClientError)    # the S3 store down or refusing: worth retrying, not the row's fault
 
 
 class LabelsUnavailable(RuntimeError):
@@ -84,6 +107,57 @@ def utc_now() -> datetime:
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def json_depth(text: str, stop: int) -> int:
+    """Deepest nesting of `[`/`{` in a JSON text (string contents skipped), counted without parsing; stops past `stop`.
+
+    Counted before json.loads: a text of 10,000 `[` would otherwise raise RecursionError inside the parser.
+    """
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > stop:
+                break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_hyperparameters(text: str) -> str:
+    """The JSON object the client sent, as the text to store; HTTPException(400) saying what is wrong otherwise."""
+    if not text:
+        return "{}"
+    if json_depth(text, MAX_HYPERPARAMETERS_DEPTH) > MAX_HYPERPARAMETERS_DEPTH:
+        raise HTTPException(400, f"hyperparameters nest deeper than {MAX_HYPERPARAMETERS_DEPTH} levels; send the "
+                                 "configuration, e.g. {\"training\":{...},\"inference\":{...}}")
+    try:
+        hp = json.loads(text)
+    except ValueError as e:       # JSONDecodeError, and an integer past Python's 4,300-digit conversion limit
+        raise HTTPException(400, f"hyperparameters must be a JSON object: {e}") from None
+    if not isinstance(hp, dict):
+        raise HTTPException(400, "hyperparameters must be a JSON object, e.g. {\"training\":{},\"inference\":{}}")
+    try:
+        # answers are strict JSON in UTF-8: a NaN, an Infinity (1e999) or a lone surrogate (\ud800) stored here would
+        # turn every later listing of this user's submissions into a 500
+        stored = json.dumps(hp, ensure_ascii=False, allow_nan=False)
+        stored.encode("utf-8")
+    except ValueError as e:
+        raise HTTPException(400, f"hyperparameters must be standard JSON (no NaN, Infinity or lone surrogate "
+                                 f"escapes): {e}") from None
+    return stored
 
 
 # --------------------------------------------------------------------------------------------- hidden labels
@@ -144,11 +218,18 @@ CREATE TABLE IF NOT EXISTS submissions (
     object_key TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
     public_score REAL, private_score REAL, public_per_class TEXT, error TEXT,
     created_ts REAL NOT NULL, expires_ts REAL NOT NULL, scored_ts REAL,
+    released INTEGER NOT NULL DEFAULT 0,
     UNIQUE (competition_id, user_id, local_id));
-CREATE UNIQUE INDEX IF NOT EXISTS submissions_idempotent
-    ON submissions (competition_id, user_id, content_sha256, nonce) WHERE content_sha256 IS NOT NULL;
 CREATE TABLE IF NOT EXISTS reveals (competition_id INTEGER PRIMARY KEY, revealed_ts REAL NOT NULL);
 """
+# status: pending -> scored | failed | expired. `released` rows (expired, or another file uploaded than declared)
+# no longer hold their (content_sha256, nonce): the same file asking again gets a new row, never the dead one.
+# A row's local_id is never reused (rows are never deleted), so no two reservations share an object key.
+HELD_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS submissions_held ON submissions (competition_id, user_id, content_sha256, nonce)
+    WHERE content_sha256 IS NOT NULL AND released = 0;
+"""
+NO_UPLOAD = "no file was uploaded before the presigned URL expired"    # the old servers' wording, migrated below
 
 
 class State:
@@ -161,8 +242,27 @@ class State:
         try:   # WAL: the scorer thread writes while request threads read
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            self._migrate(db)
         finally:
             db.close()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a state dir written by an older server to this schema; a no-op on a current one."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if "released" not in {r[1] for r in db.execute("PRAGMA table_info(submissions)")}:
+                db.execute("ALTER TABLE submissions ADD COLUMN released INTEGER NOT NULL DEFAULT 0")
+            # the old index held a file's key for good, even on a row whose upload never came
+            db.execute("DROP INDEX IF EXISTS submissions_idempotent")
+            db.execute(HELD_INDEX)
+            # such rows were `failed`; as `expired` they free their daily slot and their file can be sent again
+            db.execute("UPDATE submissions SET status = 'expired', released = 1 WHERE status = 'failed' AND error = ?",
+                       (NO_UPLOAD,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def connect(self, immediate: bool = False):
@@ -209,6 +309,7 @@ class Leaderboard:
         self._labels_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waiting: dict[int, str] = {}     # row id -> why it is still pending (logged once, not every round)
 
     # ---- labels, loaded lazily: the dataset may be generated after the server starts
     def labels(self) -> HiddenLabels:
@@ -268,9 +369,10 @@ class Leaderboard:
     def limits(self, db, cid: int, user: int) -> dict:
         now = utc_now()
         start, reset = self.day_window(now)
+        # an expired reservation never got a file: it gives its slot back
         used = db.execute(
-            "SELECT COUNT(*) FROM submissions WHERE competition_id = ? AND user_id = ? AND created_ts >= ?",
-            (cid, user, start)).fetchone()[0]
+            "SELECT COUNT(*) FROM submissions WHERE competition_id = ? AND user_id = ? AND created_ts >= ? "
+            "AND status != 'expired'", (cid, user, start)).fetchone()[0]
         limit = self.user_limits.get(user, self.settings.daily_limit)
         return {"daily_limit": limit, "used_today": used, "remaining": max(limit - used, 0),
                 "resets_at": reset.isoformat(timespec="seconds")}
@@ -287,28 +389,42 @@ class Leaderboard:
             "public_per_class": json.loads(row["public_per_class"]) if row["public_per_class"] else None,
             "submitted_at": iso(row["created_ts"]), "scored_at": iso(row["scored_ts"]), "error": row["error"],
             "content_sha256": row["content_sha256"],
+            "released": bool(row["released"]),  # no longer holds its file: the same file may be submitted again
         }
+
+    def highest_local_id_in_bucket(self, cid: int, user: int) -> int:
+        """The highest local id that already has an object in the bucket (0: none), from one listing.
+
+        The published key is fixed by (competition, user, local id); a state dir that starts afresh over a bucket
+        still holding an earlier server's objects would otherwise hand out keys whose stale files the scorer takes
+        for new uploads. A new row's local id is one past both this and the state's highest.
+        """
+        prefix = OBJECT_KEY.split("{local_id")[0].format(cid=cid, user=user)
+        highest = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.settings.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                part = obj["Key"][len(prefix):].split("/", 1)[0]
+                if part.isascii() and part.isdigit() and len(part) < 18:   # 18+ digits: not ours, and past MAX_ID
+                    highest = max(highest, int(part))
+        return highest
 
     # ---- handlers
     def request_upload(self, cid: int, user: int, description: str, hyperparameters: str,
                        content_sha256: str | None, nonce: str) -> dict:
-        try:
-            hp = json.loads(hyperparameters) if hyperparameters else {}
-        except json.JSONDecodeError as e:
-            raise HTTPException(400, f"hyperparameters must be a JSON object: {e}") from None
-        if not isinstance(hp, dict):
-            raise HTTPException(400, "hyperparameters must be a JSON object, e.g. {\"training\":{},\"inference\":{}}")
-        if content_sha256 is not None:
+        """Reserve a slot (a row and its presigned POST); the same file and nonce again get the slot it holds."""
+        hp = parse_hyperparameters(hyperparameters)
+        if content_sha256 is not None:             # its form is checked by the route's Query pattern
             content_sha256 = content_sha256.lower()
-            if len(content_sha256) != 64 or any(c not in "0123456789abcdef" for c in content_sha256):
-                raise HTTPException(400, "content_sha256 must be 64 hex digits (sha256 of the file)")
+        # listed before the write lock is taken: a store that is slow or down holds up no other writer
+        in_bucket = self.highest_local_id_in_bucket(cid, user)
         now = time.time()
         with self.state.connect(immediate=True) as db:     # one writer: the limit check and the insert agree
             revealed = self.revealed(db, cid)
             if content_sha256 is not None:
+                # a released row (expired, or other bytes uploaded) no longer holds the file: it asks anew below
                 row = db.execute(
                     "SELECT * FROM submissions WHERE competition_id = ? AND user_id = ? AND content_sha256 = ? "
-                    "AND nonce = ?", (cid, user, content_sha256, nonce)).fetchone()
+                    "AND nonce = ? AND released = 0", (cid, user, content_sha256, nonce)).fetchone()
                 if row is not None:                  # a retry: same slot, never a new one
                     body = {"submission": self.as_json(row, revealed), "existing": True, "url": None, "fields": {}}
                     if row["status"] == "pending":   # fresh signature for the same key, so a late retry still uploads
@@ -323,14 +439,14 @@ class Leaderboard:
                           "message": f"{lim['used_today']} of {lim['daily_limit']} submissions used today; "
                                      f"the limit resets at {lim['resets_at']} (UTC midnight)"},
                     headers={"Retry-After": str(int(datetime.fromisoformat(lim["resets_at"]).timestamp() - now) + 1)})
-            local_id = db.execute(
-                "SELECT COALESCE(MAX(local_id), 0) + 1 FROM submissions WHERE competition_id = ? AND user_id = ?",
-                (cid, user)).fetchone()[0]
+            local_id = 1 + max(in_bucket, db.execute(
+                "SELECT COALESCE(MAX(local_id), 0) FROM submissions WHERE competition_id = ? AND user_id = ?",
+                (cid, user)).fetchone()[0])
             key = OBJECT_KEY.format(cid=cid, user=user, local_id=local_id)
             cur = db.execute(
                 "INSERT INTO submissions (competition_id, user_id, local_id, description, hyperparameters, "
                 "content_sha256, nonce, object_key, created_ts, expires_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cid, user, local_id, description, json.dumps(hp), content_sha256, nonce, key, now,
+                (cid, user, local_id, description, hp, content_sha256, nonce, key, now,
                  now + self.settings.url_expiry_s))
             row = db.execute("SELECT * FROM submissions WHERE id = ?", (cur.lastrowid,)).fetchone()
             post = self.presigned_post(key)
@@ -364,52 +480,112 @@ class Leaderboard:
         return {"competition_id": cid, "revealed": True}
 
     # ---- scoring
-    def score_pending(self) -> int:
-        """Score every pending submission whose object has arrived; fail those never uploaded in time."""
-        with self.state.connect() as db:
-            pending = db.execute("SELECT id, object_key, expires_ts FROM submissions WHERE status = 'pending'"
-                                 ).fetchall()
-        done = 0
-        for row in pending:
-            try:
-                self.s3.head_object(Bucket=self.settings.bucket, Key=row["object_key"])
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                if time.time() > row["expires_ts"] + 60:   # grace for an upload started just before expiry
-                    self._finish(row["id"], "failed", error="no file was uploaded before the presigned URL expired")
-                continue
-            self._score_one(row["id"], row["object_key"])
-            done += 1
-        return done
+    @property
+    def expiry_grace_s(self) -> float:
+        """How long past its URL's expiry a row waits for its object: as long again as the URL lived, at most a
+        minute (a short-lived test URL need not wait the minute a large upload begun at the last second may take)."""
+        return min(EXPIRY_GRACE_S, self.settings.url_expiry_s)
 
-    def _score_one(self, sid: int, key: str) -> None:
+    def score_pending(self) -> int:
+        """Score every pending row whose object has arrived; expire those never uploaded in time. Returns how many
+        rows left `pending` (scored, failed or expired).
+
+        A row that cannot be scored fails alone (or, when the store or the hidden labels are the trouble, stays
+        pending for the next round): it never stops the rows after it.
+        """
+        with self.state.connect() as db:
+            pending = db.execute("SELECT id, object_key, expires_ts, content_sha256 FROM submissions "
+                                 "WHERE status = 'pending' ORDER BY id").fetchall()
+        if not pending:
+            return 0
+        hidden: HiddenLabels | None = None
+        unavailable = ""
         try:
             hidden = self.labels()
-        except LabelsUnavailable as e:           # stays pending: it is scored once the dataset exists
-            with self.state.connect(immediate=True) as db:
-                db.execute("UPDATE submissions SET error = ? WHERE id = ?", (f"waiting: {e}", sid))
-            return
+        except LabelsUnavailable as e:
+            unavailable = str(e)
+        except Exception as e:                   # e.g. index.json half-written by the generator: not the rows' fault
+            unavailable = f"hidden labels unreadable: {type(e).__name__}: {e}"
+        done = 0
+        for row in pending:
+            sid = row["id"]
+            try:
+                done += self._score_row(row, hidden, unavailable)
+            except STORE_ERRORS as e:            # the next round retries; the row says why it waits
+                self._wait(sid, f"the submission store failed: {type(e).__name__}: {e}")
+            except Exception as e:
+                log.exception("submission %s could not be scored", sid)
+                self._finish(sid, "failed", error=f"the scorer failed on this file ({type(e).__name__}: {e}); "
+                                                  "it was not scored")
+                done += 1
+        return done
+
+    def _score_row(self, row: sqlite3.Row, hidden: HiddenLabels | None, unavailable: str) -> int:
+        sid, key = row["id"], row["object_key"]
+        try:
+            self.s3.head_object(Bucket=self.settings.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            if time.time() > row["expires_ts"] + self.expiry_grace_s:
+                return self._expire(sid, row["expires_ts"])
+            return 0
+        if hidden is None:                       # stays pending: it is scored once the dataset exists
+            self._wait(sid, unavailable)
+            return 0
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "output.csv"
             self.s3.download_file(self.settings.bucket, key, str(path))
+            declared = row["content_sha256"]
+            if declared is not None and (got := sha256_file(path)) != declared:
+                # another file than the one this slot was asked for: never scored; the declared file may ask again
+                self._finish(sid, "failed", released=True, error=(
+                    f"the uploaded file's sha256 {got} is not the content_sha256 {declared} given when the upload "
+                    "was requested; it was not scored. Request the upload again to send that file"))
+                return 1
             try:
                 names, masks = read_submission(path, expected_file_names=hidden.file_names,
                                                num_classes=len(hidden.classes))
             except SubmissionError as e:
                 self._finish(sid, "failed", error=f"lint: {e}".replace(str(path), "output.csv"))
-                return
+                return 1
         s = score(names, masks, hidden)
         self._finish(sid, "scored", public=s["public_score"], private=s["private_score"],
                      per_class=json.dumps(s["public_per_class"]))
         log.info("submission %s scored: public mIoU %s", sid, s["public_score"])
+        return 1
 
-    def _finish(self, sid: int, status: str, *, public=None, private=None, per_class=None, error=None) -> None:
+    def _expire(self, sid: int, expires_ts: float) -> int:
+        """Release a slot whose upload never came; a retry that refreshed its URL meanwhile keeps it pending."""
+        with self.state.connect(immediate=True) as db:
+            n = db.execute(
+                "UPDATE submissions SET status = 'expired', released = 1, error = ?, scored_ts = ? "
+                "WHERE id = ? AND status = 'pending' AND expires_ts <= ?",
+                (f"{NO_UPLOAD} ({iso(expires_ts)}); the slot was released: it does not count toward the daily "
+                 "limit, and the same file may be submitted again", time.time(), sid,
+                 time.time() - self.expiry_grace_s)).rowcount
+        self._waiting.pop(sid, None)
+        if n:
+            log.info("submission %s expired: no upload before %s", sid, iso(expires_ts))
+        return n
+
+    def _wait(self, sid: int, why: str) -> None:
+        """Leave a row pending, with the reason in its `error` for the listing; log each new reason once."""
+        if self._waiting.get(sid) == why:
+            return
+        self._waiting[sid] = why
+        log.warning("submission %s waits: %s", sid, why)
+        with self.state.connect(immediate=True) as db:
+            db.execute("UPDATE submissions SET error = ? WHERE id = ? AND status = 'pending'", (f"waiting: {why}", sid))
+
+    def _finish(self, sid: int, status: str, *, public=None, private=None, per_class=None, error=None,
+                released: bool = False) -> None:
+        self._waiting.pop(sid, None)
         with self.state.connect(immediate=True) as db:
             db.execute(
                 "UPDATE submissions SET status = ?, public_score = ?, private_score = ?, public_per_class = ?, "
-                "error = ?, scored_ts = ? WHERE id = ? AND status = 'pending'",
-                (status, public, private, per_class, error, time.time(), sid))
+                "error = ?, scored_ts = ?, released = ? WHERE id = ? AND status = 'pending'",
+                (status, public, private, per_class, error, time.time(), int(released), sid))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.poll_s):
@@ -467,6 +643,29 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 <table>{head}{rank_rows}</table><h2>All submissions</h2><table>{all_head}{all_rows}</table></body></html>"""
 
 
+# Query and path values, bounded where FastAPI checks them: a value out of bounds is a 422 naming the parameter
+# and the bound, before any handler runs (an id past 64 bits would otherwise overflow SQLite: a 500).
+Id = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a positive id within SQLite's signed 64 bits")]
+Description = Annotated[str, Query(max_length=MAX_DESCRIPTION)]
+Hyperparameters = Annotated[str, Query(max_length=MAX_HYPERPARAMETERS, description="a JSON object")]
+Sha256 = Annotated[str | None, Query(pattern=r"^[0-9a-fA-F]{64}$", description="the file's sha256: 64 hex digits")]
+Nonce = Annotated[str, Query(max_length=64)]
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without its `input` echo: the rejected value may be megabytes of query string."""
+    return JSONResponse({"detail": [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]},
+                        status_code=422)
+
+
+async def store_failed(request: Request, exc: Exception) -> JSONResponse:
+    """503, not 500: the S3 store is down or refusing, and the client's retries of a 5xx may well succeed."""
+    log.warning("%s %s: the submission store failed: %s: %s", request.method, request.url.path,
+                type(exc).__name__, exc)
+    return JSONResponse({"detail": f"the submission store failed ({type(exc).__name__}); try again shortly"},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the background scorer."""
     board = Leaderboard(settings)
@@ -479,14 +678,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="segpipe leaderboard", lifespan=lifespan)
     app.state.board = board
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    for exc in STORE_ERRORS:
+        app.add_exception_handler(exc, store_failed)
 
     def user(authorization: str | None = Header(default=None)) -> int:
         return board.user_for(authorization)
 
     if settings.published_only:
         @app.get("/api/v1/competition/{cid}/presigned_url/")
-        def presigned_url_published(cid: int, description: str = Query("", max_length=2000),
-                                    hyperparameters: str = Query("{}", max_length=65536),
+        def presigned_url_published(cid: Id, description: Description = "", hyperparameters: Hyperparameters = "{}",
                                     uid: int = Depends(user)) -> dict:
             board.check_competition(cid)
             body = board.request_upload(cid, uid, description, hyperparameters, None, "")
@@ -499,31 +700,29 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return app
 
     @app.get("/api/v1/competition/{cid}/presigned_url/")
-    def presigned_url(cid: int, description: str = Query("", max_length=2000),
-                      hyperparameters: str = Query("{}", max_length=65536),
-                      content_sha256: str | None = Query(None), nonce: str = Query("", max_length=64),
-                      uid: int = Depends(user)) -> dict:
+    def presigned_url(cid: Id, description: Description = "", hyperparameters: Hyperparameters = "{}",
+                      content_sha256: Sha256 = None, nonce: Nonce = "", uid: int = Depends(user)) -> dict:
         board.check_competition(cid)
         return board.request_upload(cid, uid, description, hyperparameters, content_sha256, nonce)
 
     @app.get("/api/v1/competition/{cid}/submissions/")
-    def submissions(cid: int, uid: int = Depends(user)) -> list[dict]:
+    def submissions(cid: Id, uid: int = Depends(user)) -> list[dict]:
         board.check_competition(cid)
         return board.list_submissions(cid, uid)
 
     @app.get("/api/v1/competition/{cid}/submissions/{sid}/")
-    def submission(cid: int, sid: int, uid: int = Depends(user)) -> dict:
+    def submission(cid: Id, sid: Id, uid: int = Depends(user)) -> dict:
         board.check_competition(cid)
         return board.get_submission(cid, uid, sid)
 
     @app.get("/api/v1/competition/{cid}/limits/")
-    def limits(cid: int, uid: int = Depends(user)) -> dict:
+    def limits(cid: Id, uid: int = Depends(user)) -> dict:
         board.check_competition(cid)
         with board.state.connect() as db:
             return board.limits(db, cid, uid)
 
     @app.post("/api/v1/competition/{cid}/reveal")
-    def reveal(cid: int, authorization: str | None = Header(default=None)) -> dict:
+    def reveal(cid: Id, authorization: str | None = Header(default=None)) -> dict:
         board.check_competition(cid)
         return board.reveal(cid, authorization)
 
@@ -543,7 +742,7 @@ def _pages(app: FastAPI, board: Leaderboard, settings: ServerSettings) -> None:
         return board.page(settings.competition_id)
 
     @app.get("/competition/{cid}/leaderboard", response_class=HTMLResponse)
-    def leaderboard_page(cid: int) -> str:
+    def leaderboard_page(cid: Id) -> str:
         board.check_competition(cid)
         return board.page(cid)
 
@@ -554,7 +753,8 @@ def serve(settings: ServerSettings, host: str, port: int, log_level: str = "info
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("leaderboard on http://%s:%s %r", host, port, settings)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level,
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD)
 
 
 __all__ = ["ServerSettings", "HiddenLabels", "LabelsUnavailable", "Leaderboard", "create_app", "score", "serve",
