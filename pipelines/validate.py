@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.results import ValidateResult
-from segpipe.coco import DataError, rasterize
+from segpipe.coco import DataError, mask_name, rasterize
 from segpipe.config import DEFAULT_PARAMS, DataParams, ParamsError, ValidateParams, load_params
 from segpipe.eda import run_eda
 from segpipe.parallel import worker_pool
@@ -50,7 +50,7 @@ def _mask_job(k: int) -> tuple[np.ndarray, int, int]:
 
 def _index_rows(res: ValidationResult) -> list[dict]:
     return [{"file_name": r["file_name"], "image": r["image"],
-             "mask": str(Path("masks") / Path(r["file_name"]).with_suffix(".png")), "batch": r["batch"],
+             "mask": str(Path("masks") / mask_name(r["file_name"])), "batch": r["batch"],
              "image_id": r["image_id"], "width": int(r["width"]), "height": int(r["height"])} for r in res.train]
 
 

@@ -77,14 +77,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ data
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:          # another file system (EXDEV) or one without hard links
+        shutil.copy2(src, dst)
+
+
 def subset_data(src: Path, dst: Path, fraction: float, seed: int = 0) -> dict[str, int]:
     """A copy of the COCO files keeping `fraction` of train_all's and of test's photos (the same photos in every
-    file that lists them); the photo folders are symlinks to the source's."""
+    file that lists them); the photos are hard links to the source's (a copy where src is on another file system).
+
+    Not a symlink to each folder: validation refuses a file reached through a link that leaves data.root
+    (segpipe.validation.path_problem), and a hard link is the file itself, inside the root, at no copying cost.
+    """
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     for entry in src.iterdir():
         if entry.name not in SPLITS:
-            (dst / entry.name).symlink_to(entry.resolve())
+            if entry.is_dir():
+                shutil.copytree(entry.resolve(), dst / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.resolve(), dst / entry.name)
     counts = {}
     keep: set[str] = set()
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -55,13 +56,40 @@ def resize_nearest(masks: np.ndarray, size: int = SIZE) -> np.ndarray:
     return masks[:, rows[:, None], cols[None, :]]
 
 
+def csv_name_problem(name: str) -> str:
+    """Why `name` cannot be a submission image_id (the CSV's unquoted first column), or "".
+
+    The one rule for both validation (which names a test image whose file name breaks it, before any work) and the
+    writer. Rows are split on commas and line breaks with no quoting, and the file is UTF-8: a non-UTF-8 file name
+    (Python holds its bytes as lone surrogates) cannot be written at all.
+    """
+    if not isinstance(name, str) or not name:
+        return "it is empty"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 (the file system holds bytes that UTF-8 text cannot carry)"
+    for ch, what in ((",", "a comma"), ('"', "a double quote")):
+        if ch in name:
+            return f"it holds {what}"
+    # Cc: control characters (newline, carriage return, tab, NUL, ...); Zl/Zp: the Unicode line and paragraph
+    # separators, which text readers (str.splitlines among them) treat as line breaks too
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        return f"it holds the control character {bad!r}"
+    if name != name.strip():
+        return "it has leading or trailing spaces"
+    return ""
+
+
 def _check_ids(file_names: Sequence[str]) -> list[str]:
     names = [str(n) for n in file_names]
     for i, n in enumerate(names):
-        if not n or any(c in n for c in ',"\r\n') or n != n.strip():
+        why = csv_name_problem(n)
+        if why:
             raise SubmissionError(
-                f"file name #{i} {n!r} cannot be a CSV image_id: it must be non-empty, without commas, quotes, "
-                "newlines or surrounding spaces"
+                f"file name #{i} {n!r} cannot be a CSV image_id: {why}; it must be non-empty UTF-8, without commas, "
+                "quotes, control characters (newlines) or surrounding spaces"
             )
     dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
     if dupes:

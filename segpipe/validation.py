@@ -3,6 +3,11 @@
 Every problem is a `Problem` naming the file, the record and what to do. Structural problems (and anything wrong
 in the test split, whose rows a submission needs) always fail; per-record problems are tolerated up to
 `validate.max_bad_records`, and the tolerated records are excluded downstream (never silently: they are warnings).
+
+Hostile input is a problem, never a crash: records of the wrong type (a width of "64", an id of 3.0 or true, a
+list where an object belongs) are named rather than coerced; segmentations pass `segpipe.coco.check_segmentation`,
+the check rasterisation also makes, before pycocotools sees them; a file name must stay inside data.root, give
+each record its own mask, and (in the test split) fit the submission CSV. No file is opened before its name passed.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -24,17 +30,22 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segpipe.coco import (
-    CocoFile, DataError, LayoutError, UnknownCategoryError, class_map, load_coco, read_mask_png_layout,
+    CocoFile, DataError, LayoutError, UnknownCategoryError, as_json, check_segmentation, class_map, is_int,
+    load_coco, mask_name, read_mask_png_layout, segmentation_rle,
 )
 from segpipe.parallel import worker_pool
 from segpipe.photos import ORIENTATION_NAMES, SWAPS_AXES, check_rule, describe, orientation_of
+from segpipe.submission import csv_name_problem
 
-COORD_TOLERANCE = 1.0   # px: exporters write edge vertices at exactly width/height, sometimes a rounding beyond
 FATAL = {
     "empty_dataset", "duplicate_image_id", "duplicate_file_name", "duplicate_annotation_id",
     "unknown_category_name", "leakage_train_test", "too_many_empty_images", "split_inconsistent",
     "exif_orientation_rejected",
+    # a bad category silently unlabels every annotation of its class: never a record to drop
+    "category_invalid", "duplicate_category_id",
 }
+# what check_segmentation reports on the image rather than the annotation (the image's row names it)
+IMAGE_LEVEL = {"image_invalid_size"}
 
 
 class DataValidationError(DataError):
@@ -62,13 +73,15 @@ class Problem:
     split: str = "train"
     image_id: object = None
     ann_id: object = None
+    pos: int | None = None   # the record's index in its JSON list (or folder listing): how it is excluded downstream
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.file}: {self.record}: {self.message}"
 
     @property
     def fatal(self) -> bool:
-        return self.code in FATAL or self.split == "test"
+        # a record that cannot be located (no pos) cannot be left out downstream, so it can never be tolerated
+        return self.code in FATAL or self.split == "test" or self.pos is None
 
 
 @dataclass
@@ -78,9 +91,9 @@ class ValidationResult:
     classes: tuple[str, ...]
     train: list[dict]                 # {image_id, file_name, image (rel. to root), width, height, batch[, mask]}
     test: list[dict]                  # {image_id, file_name, image} in test order
-    coco: CocoFile | None             # train_all (COCO layout) for rasterisation
+    coco: CocoFile | None             # train_all (COCO layout) for rasterisation, tolerated bad records left out
     cmap: dict[int, int]
-    skip_annotations: set             # tolerated bad annotation ids: excluded when rasterising
+    skip_annotations: set             # tolerated bad annotation ids (integer ones), also left out of `coco`
     images: pd.DataFrame              # one row per image (both splits)
     annotations: pd.DataFrame         # one row per annotation (train)
     polygons: pd.DataFrame            # one row per polygon (train)
@@ -142,95 +155,144 @@ def inspect_files(paths: list[str], workers: int | None = None) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- flatten records into tables
 
 def _num(v) -> float:
+    """A number for the tables (NaN where there is none); the type itself is checked by `_type_errors`."""
     try:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
+    except OverflowError:     # an integer beyond the float range
+        return math.inf if v > 0 else -math.inf
+
+
+_JSON_TYPE = {str: "a string", float: "a float", bool: "a boolean", type(None): "null", list: "a list",
+              dict: "an object"}
+
+
+def _type_errors(record, int_keys: tuple[str, ...], str_keys: tuple[str, ...] = (), what: str = "record") -> str:
+    """'width="64" is a string, id=3.0 is a float' for every present key of the wrong JSON type, or "".
+
+    Ids and sizes must be JSON integers: coercing "64" or 64.0 would hide an exporter bug, and an id of 3.0 or "3"
+    matches 3 in some lookups (Python's dicts) but not in others (the tables, the split files).
+    """
+    if not isinstance(record, dict):
+        return f"the {what} is {_JSON_TYPE.get(type(record), type(record).__name__)}, not an object"
+    errors = [f"{k}={as_json(record[k])} is {_JSON_TYPE.get(type(record[k]), type(record[k]).__name__)}"
+              for k in int_keys if k in record and not is_int(record[k])]
+    errors += [f"{k}={as_json(record[k])} is {_JSON_TYPE.get(type(record[k]), type(record[k]).__name__)}"
+               if not isinstance(record[k], str) else f"{k} is empty"
+               for k in str_keys if k in record and (not isinstance(record[k], str) or not record[k])]
+    return ", ".join(errors)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:   # lone surrogates: how Python holds a file name's non-UTF-8 bytes
+        return False
+
+
+def _show(name: str) -> str:
+    """A file name as a message can print it: repr() where it holds control characters or non-UTF-8 bytes."""
+    return name if _utf8(name) and name.isprintable() else repr(name)
+
+
+def _text(value: str) -> str:
+    """`value` as valid UTF-8 text for the tables (pandas hashes strings as UTF-8 and fails on the lone surrogates
+    of a non-UTF-8 name): unchanged where it is valid, its bytes escaped where not."""
+    if _utf8(value):
+        return value
+    try:       # the file system's own bytes (os.fsdecode's surrogateescape), else the surrogates' code points
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def flatten_images(coco: CocoFile, split: str) -> pd.DataFrame:
-    """One row per image record."""
+    """One row per image record; name_ok says whether file_name is a string that can be looked at on disk."""
     rows = []
     for pos, im in enumerate(coco.images):
-        im = im if isinstance(im, dict) else {}
-        missing = [k for k in ("id", "file_name", "width", "height") if k not in im]
-        rows.append({"split": split, "json": coco.path.name, "pos": pos, "image_id": im.get("id", f"#{pos}"),
-                     "file_name": str(im.get("file_name", f"<record {pos}>")), "width": _num(im.get("width")),
-                     "height": _num(im.get("height")), "missing_keys": ",".join(missing)})
-    df = pd.DataFrame(rows, columns=["split", "json", "pos", "image_id", "file_name", "width", "height",
-                                     "missing_keys"])
-    df["image_id"] = df["image_id"].astype(str)
+        type_errors = _type_errors(im, ("id", "width", "height"), ("file_name",), "image record")
+        is_obj = isinstance(im, dict)
+        im = im if is_obj else {}
+        missing = [k for k in ("id", "file_name", "width", "height") if k not in im] if is_obj else []
+        name = im.get("file_name")
+        name_ok = isinstance(name, str) and bool(name)
+        image_id = _text(str(im.get("id", f"#{pos}")))
+        rows.append({"split": split, "json": coco.path.name, "pos": pos, "image_id": image_id,
+                     "file_name": name if name_ok else f"<record {pos}>", "name_ok": name_ok,
+                     "width": _num(im.get("width")), "height": _num(im.get("height")),
+                     "missing_keys": ",".join(missing), "type_errors": type_errors,
+                     # the submission CSV carries each test image's file_name as its image_id (a non-UTF-8 name
+                     # is file_name_unsafe in every split)
+                     "csv_problem": csv_name_problem(name) if split == "test" and name_ok and _utf8(name) else ""})
+    df = pd.DataFrame(rows, columns=["split", "json", "pos", "image_id", "file_name", "name_ok", "width", "height",
+                                     "missing_keys", "type_errors", "csv_problem"])
+    df["image_id"] = df["image_id"].astype(object)   # text even where the table is empty
     return df
 
 
 def flatten_annotations(coco: CocoFile, cmap: dict[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per annotation and one per polygon, with the derived columns the suites check."""
+    """One row per annotation and one per polygon, with the derived columns the suites check.
+
+    Geometry comes from `check_segmentation`, the same check rasterisation makes: its problems become the
+    columns the suites report, and only a segmentation it passed is handed to pycocotools (for the area).
+    """
     ann_rows, poly_rows = [], []
     for pos, ann in enumerate(coco.annotations):
-        ann = ann if isinstance(ann, dict) else {}
-        missing = [k for k in ("id", "image_id", "category_id", "segmentation") if k not in ann]
-        im = coco.image_by_id.get(ann.get("image_id"))
-        w, h = (_num(im.get("width")), _num(im.get("height"))) if im else (math.nan, math.nan)
+        type_errors = _type_errors(ann, ("id", "image_id", "category_id"), (), "annotation record")
+        is_obj = isinstance(ann, dict)
+        ann = ann if is_obj else {}
+        missing = [k for k in ("id", "image_id", "category_id", "segmentation") if k not in ann] if is_obj else []
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        im = coco.image_by_id.get(image_id) if is_int(image_id) else None
+        height, width = (im.get("height"), im.get("width")) if im else (None, None)
+        w, h = _num(width), _num(height)
         seg = ann.get("segmentation")
-        kind, raster_area, rle_size_ok, bbox = "invalid", math.nan, True, [math.nan] * 4
-        if isinstance(seg, list) and seg and all(isinstance(p, list) for p in seg):
-            kind = "polygon"
-            valid = True
-            for k, poly in enumerate(seg):
-                xy = np.array([_num(v) for v in poly], float)
-                n_pts = len(xy) // 2
-                odd = len(xy) % 2 == 1
-                has_nan = bool(np.isnan(xy).any())
-                xs, ys = xy[0:2 * n_pts:2], xy[1:2 * n_pts:2]
-                finite = n_pts > 0 and not has_nan
-                poly_rows.append({
-                    "json": coco.path.name, "ann_id": str(ann.get("id", f"#{pos}")), "image_id": str(ann.get("image_id")), "poly": k,
-                    "n_points": n_pts, "odd": odd, "has_nan": has_nan,
-                    "min_x": xs.min() if finite else math.nan, "min_y": ys.min() if finite else math.nan,
-                    "max_x": xs.max() if finite else math.nan, "max_y": ys.max() if finite else math.nan,
-                    "lim_x": w + COORD_TOLERANCE, "lim_y": h + COORD_TOLERANCE,
-                })
-                valid &= n_pts >= 3 and not odd and not has_nan
-            if valid and im and not math.isnan(w * h):
-                rles = mask_utils.frPyObjects([list(map(float, p)) for p in seg], int(h), int(w))
-                merged = mask_utils.merge(rles)
-                raster_area, bbox = float(mask_utils.area(merged)), mask_utils.toBbox(merged).tolist()
-        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-            kind = "rle"
-            rle_size_ok = bool(im) and list(seg["size"]) == [int(h), int(w)]
-            if rle_size_ok:
-                try:
-                    rle = mask_utils.frPyObjects(seg, int(h), int(w)) if isinstance(seg["counts"], list) else \
-                        {"size": seg["size"], "counts": seg["counts"].encode("ascii")
-                         if isinstance(seg["counts"], str) else seg["counts"]}
-                    raster_area, bbox = float(mask_utils.area(rle)), mask_utils.toBbox(rle).tolist()
-                except Exception:
-                    kind = "invalid"
+        check = check_segmentation(seg, height, width)
+        found = dict(check.problems)
+        raster_area, bbox = math.nan, [math.nan] * 4
+        ann_id = _text(str(ann.get("id", f"#{pos}")))
+        for k, facts in enumerate(check.polygons):
+            poly_rows.append({
+                "json": coco.path.name, "pos": pos, "ann_id": ann_id, "image_id": _text(str(image_id)), "poly": k,
+                **{c: facts[c] for c in ("n_points", "odd", "has_nan", "min_x", "min_y", "max_x", "max_y")},
+                **{c: facts["problems"].get(c, "") for c in POLYGON_CODES},
+            })
+        if check.ok:   # implies a known image of a usable size
+            rle = segmentation_rle(seg, height, width, check)
+            raster_area, bbox = float(mask_utils.area(rle)), mask_utils.toBbox(rle).tolist()
         area = _num(ann.get("area"))
+        class_index = cmap.get(category_id, -1) if is_int(category_id) else -1
         ann_rows.append({
-            "json": coco.path.name, "pos": pos, "ann_id": str(ann.get("id", f"#{pos}")),
-            "image_id": str(ann.get("image_id")), "category_id": ann.get("category_id"),
-            "class_index": cmap.get(ann.get("category_id"), -1) if _hashable(ann.get("category_id")) else -1,
-            "image_exists": im is not None, "missing_keys": ",".join(missing), "kind": kind,
-            "iscrowd": ann.get("iscrowd", 0), "rle_size_ok": rle_size_ok, "raster_area": raster_area,
+            "json": coco.path.name, "pos": pos, "ann_id": ann_id, "image_id": _text(str(image_id)),
+            "category_id": category_id, "class_index": class_index,
+            # an ill-typed image_id / category_id is reported as such, not as a dangling reference as well
+            "image_exists": im is not None or not is_int(image_id),
+            "category_known": class_index >= 0 or not is_int(category_id),
+            "missing_keys": ",".join(missing), "type_errors": type_errors,
+            "kind": check.kind if "segmentation" in ann else "missing",
+            "iscrowd": ann.get("iscrowd", 0), "rle_size_ok": "rle_size_mismatch" not in found,
+            **{c: found.get(c, "") for c in ANNOTATION_CODES},
+            # every reason not to rasterise, for the check that each was reported (validate_coco)
+            "geometry": "; ".join(m for c, m in check.problems if c not in IMAGE_LEVEL),
+            "raster_area": raster_area,
             "area": raster_area if math.isnan(area) else area, "image_area": w * h, "width": w, "height": h,
             "bx": bbox[0], "by": bbox[1], "bw": bbox[2], "bh": bbox[3],
         })
     ann_df = pd.DataFrame(ann_rows, columns=[
-        "json", "pos", "ann_id", "image_id", "category_id", "class_index", "image_exists", "missing_keys", "kind",
-        "iscrowd", "rle_size_ok", "raster_area", "area", "image_area", "width", "height", "bx", "by", "bw", "bh"])
-    ann_df["category_known"] = ann_df["class_index"] >= 0
-    poly_df = pd.DataFrame(poly_rows, columns=["json", "ann_id", "image_id", "poly", "n_points", "odd", "has_nan", "min_x",
-                                               "min_y", "max_x", "max_y", "lim_x", "lim_y"])
+        "json", "pos", "ann_id", "image_id", "category_id", "class_index", "image_exists", "category_known",
+        "missing_keys", "type_errors", "kind", "iscrowd", "rle_size_ok", *ANNOTATION_CODES, "geometry",
+        "raster_area", "area", "image_area", "width", "height", "bx", "by", "bw", "bh"])
+    poly_df = pd.DataFrame(poly_rows, columns=["json", "pos", "ann_id", "image_id", "poly", "n_points", "odd",
+                                               "has_nan", "min_x", "min_y", "max_x", "max_y", *POLYGON_CODES])
     return ann_df, poly_df
 
 
-def _hashable(v) -> bool:
-    try:
-        hash(v)
-        return True
-    except TypeError:
-        return False
+# check_segmentation's codes, each a column of its table holding the problem's message (or "")
+POLYGON_CODES = ("polygon_too_few_points", "polygon_odd_coordinates", "polygon_nan", "polygon_outside_image")
+ANNOTATION_CODES = ("rle_size_mismatch", "rle_invalid", "polygon_too_long")
 
 
 # ----------------------------------------------------------------------------- great-expectations suites
@@ -257,6 +319,18 @@ def _gx():
 IMAGE_SUITE = [
     ("image_missing_keys", "ExpectColumnValuesToBeInSet", {"column": "missing_keys", "value_set": [""]},
      "image record lacks {missing_keys}", "every image needs id, file_name, width, height"),
+    ("image_bad_type", "ExpectColumnValuesToBeInSet", {"column": "type_errors", "value_set": [""]},
+     "{type_errors}", "id, width and height are JSON integers (64, not \"64\", 64.0 or true) and file_name a "
+     "non-empty string; fix the exporter"),
+    ("file_name_unsafe", "ExpectColumnValuesToBeInSet", {"column": "path_problem", "value_set": [""]},
+     "file_name {path_problem}", "file names are paths relative to data.root, to files inside it; move the file "
+     "into the dataset (and `dvc add` it) or fix the name"),
+    ("mask_name_collision", "ExpectColumnValuesToBeInSet", {"column": "mask_clash", "value_set": [""]},
+     "its mask would be {mask_name}, the same as that of {mask_clash}, and one would overwrite the other",
+     "masks are named <file_name without its suffix>.png (pseudo-labels of test images too); rename one image"),
+    ("test_file_name_not_csv_safe", "ExpectColumnValuesToBeInSet", {"column": "csv_problem", "value_set": [""]},
+     "the submission CSV cannot carry this file name as its image_id: {csv_problem}",
+     "rename the test image (and its record): no commas, quotes, control characters or non-UTF-8 bytes"),
     ("duplicate_image_id", "ExpectCompoundColumnsToBeUnique", {"column_list": ["split", "image_id"]},
      "image id {image_id} is used by more than one image", "give every image a unique id"),
     ("duplicate_file_name", "ExpectCompoundColumnsToBeUnique", {"column_list": ["split", "file_name"]},
@@ -290,6 +364,9 @@ TRAIN_IMAGE_SUITE = [
 ANN_SUITE = [
     ("annotation_missing_keys", "ExpectColumnValuesToBeInSet", {"column": "missing_keys", "value_set": [""]},
      "annotation lacks {missing_keys}", "every annotation needs id, image_id, category_id, segmentation"),
+    ("annotation_bad_type", "ExpectColumnValuesToBeInSet", {"column": "type_errors", "value_set": [""]},
+     "{type_errors}", "id, image_id and category_id are JSON integers (7, not \"7\", 7.0 or true); fix the "
+     "exporter"),
     ("duplicate_annotation_id", "ExpectColumnValuesToBeUnique", {"column": "ann_id"},
      "annotation id {ann_id} is used more than once", "give every annotation a unique id"),
     ("annotation_missing_image", "ExpectColumnValuesToBeInSet", {"column": "image_exists", "value_set": [True]},
@@ -297,35 +374,39 @@ ANN_SUITE = [
     ("unknown_category_id", "ExpectColumnValuesToBeInSet", {"column": "category_known", "value_set": [True]},
      "category_id {category_id} is not a category mapped to data.classes",
      "fix category_id or add the category (and its class)"),
-    ("invalid_segmentation", "ExpectColumnValuesToBeInSet", {"column": "kind", "value_set": ["polygon", "rle"]},
+    # "missing": annotation_missing_keys names it
+    ("invalid_segmentation", "ExpectColumnValuesToBeInSet",
+     {"column": "kind", "value_set": ["polygon", "rle", "missing"]},
      "segmentation is neither a list of polygons nor an RLE {{size, counts}}", "re-export the annotation"),
     ("rle_size_mismatch", "ExpectColumnValuesToBeInSet", {"column": "rle_size_ok", "value_set": [True]},
-     "RLE size differs from the image's [height, width] [{height}, {width}]", "re-encode the RLE at image size"),
+     "{rle_size_mismatch}", "re-encode the RLE at image size"),
+    ("rle_invalid", "ExpectColumnValuesToBeInSet", {"column": "rle_invalid", "value_set": [""]},
+     "{rle_invalid}", "re-encode the mask as COCO RLE (pycocotools.mask.encode) at the image's size"),
+    ("polygon_too_long", "ExpectColumnValuesToBeInSet", {"column": "polygon_too_long", "value_set": [""]},
+     "{polygon_too_long}", "simplify the outline (fewer vertices) or split the annotation; "
+     "segpipe.coco.MAX_BOUNDARY_LAPS bounds what rasterising one annotation may allocate"),
     ("zero_area", "ExpectColumnValuesToBeBetween", {"column": "raster_area", "min_value": 1},
      "rasterises to {raster_area} pixels", "delete the degenerate annotation or fix its polygon"),
     ("area_exceeds_image", "ExpectColumnPairValuesAToBeGreaterThanB",
      {"column_A": "image_area", "column_B": "area", "or_equal": True, "ignore_row_if": "either_value_is_missing"},
      "area {area} is larger than the image ({image_area} px)", "fix the area or the polygon (wrong scale?)"),
 ]
+# the messages come from segpipe.coco.check_segmentation (the rules rasterisation applies too); the facts beside
+# them (n_points, min_x, ...) stay in the table for the GX results and the EDA
 POLY_SUITE = [
-    ("polygon_too_few_points", "ExpectColumnValuesToBeBetween", {"column": "n_points", "min_value": 3},
-     "polygon {poly} has {n_points} point(s), needs >= 3", "fix or delete the polygon"),
-    ("polygon_odd_coordinates", "ExpectColumnValuesToBeInSet", {"column": "odd", "value_set": [False]},
-     "polygon {poly} has an odd number of coordinates", "polygons are flat [x1, y1, x2, y2, ...] lists"),
-    ("polygon_nan", "ExpectColumnValuesToBeInSet", {"column": "has_nan", "value_set": [False]},
-     "polygon {poly} has NaN/non-numeric coordinates", "fix the exporter; coordinates must be numbers"),
-    ("polygon_outside_image", "ExpectColumnValuesToBeBetween", {"column": "min_x", "min_value": -COORD_TOLERANCE},
-     "polygon {poly} has x = {min_x} < 0", "clip the polygon to the image or fix its scale"),
-    ("polygon_outside_image", "ExpectColumnValuesToBeBetween", {"column": "min_y", "min_value": -COORD_TOLERANCE},
-     "polygon {poly} has y = {min_y} < 0", "clip the polygon to the image or fix its scale"),
-    ("polygon_outside_image", "ExpectColumnPairValuesAToBeGreaterThanB",
-     {"column_A": "lim_x", "column_B": "max_x", "or_equal": True, "ignore_row_if": "either_value_is_missing"},
-     "polygon {poly} has x = {max_x} beyond the image width", "clip the polygon to the image or fix its scale"),
-    ("polygon_outside_image", "ExpectColumnPairValuesAToBeGreaterThanB",
-     {"column_A": "lim_y", "column_B": "max_y", "or_equal": True, "ignore_row_if": "either_value_is_missing"},
-     "polygon {poly} has y = {max_y} beyond the image height", "clip the polygon to the image or fix its scale"),
+    ("polygon_too_few_points", "ExpectColumnValuesToBeInSet", {"column": "polygon_too_few_points", "value_set": [""]},
+     "{polygon_too_few_points}", "fix or delete the polygon"),
+    ("polygon_odd_coordinates", "ExpectColumnValuesToBeInSet",
+     {"column": "polygon_odd_coordinates", "value_set": [""]},
+     "{polygon_odd_coordinates}", "polygons are flat [x1, y1, x2, y2, ...] lists"),
+    ("polygon_nan", "ExpectColumnValuesToBeInSet", {"column": "polygon_nan", "value_set": [""]},
+     "{polygon_nan}", "fix the exporter; coordinates must be finite JSON numbers"),
+    ("polygon_outside_image", "ExpectColumnValuesToBeInSet", {"column": "polygon_outside_image", "value_set": [""]},
+     "{polygon_outside_image}", "clip the polygon to the image or fix its scale"),
 ]
 MASK_SUITE = [
+    ("file_name_unsafe", "ExpectColumnValuesToBeInSet", {"column": "mask_path_problem", "value_set": [""]},
+     "mask {mask_path_problem}", "the mask must be a file inside data.root; replace the link with the file"),
     ("mask_unreadable", "ExpectColumnValuesToBeInSet", {"column": "mask_decodable", "value_set": [True]},
      "mask {mask_path} cannot be decoded ({mask_error})", "re-export the mask as a single-channel PNG"),
     ("mask_not_single_channel", "ExpectColumnValuesToBeInSet", {"column": "mask_mode", "value_set": ["L", "P", ""]},
@@ -402,16 +483,18 @@ def _timed(seconds: dict[str, float], phase: str):
 
 def _problem(code: str, row: pd.Series, message: str, kind: str) -> Problem:
     split = row.get("split", "train")
+    pos = row.get("pos")
+    pos = int(pos) if pos is not None and not pd.isna(pos) else None
     if kind == "image":
-        record = f"image {row['image_id']} ({row['file_name']})"
+        record = f"image {row['image_id']} ({_show(row['file_name'])})"
         file = row.get("path") or row.get("json")
-        return Problem(code, str(file), record, message, split, image_id=row["image_id"])
+        return Problem(code, _show(str(file)), record, message, split, image_id=row["image_id"], pos=pos)
     if kind == "mask":
-        return Problem(code, str(row["mask_path"]), f"image {row['file_name']}", message, split,
-                       image_id=row["image_id"])
+        return Problem(code, _show(str(row["mask_path"])), f"image {_show(row['file_name'])}", message, split,
+                       image_id=row["image_id"], pos=pos)
     record = f"annotation {row['ann_id']} (image {row['image_id']})"
     return Problem(code, str(row.get("json", "train_all.json")), record, message, split,
-                   image_id=row["image_id"], ann_id=row["ann_id"])
+                   image_id=row["image_id"], ann_id=row["ann_id"], pos=pos)
 
 
 def _finish(problems: list[Problem], params, root: Path, gx_results: dict) -> list[Problem]:
@@ -471,14 +554,75 @@ def _orient_sizes(images: pd.DataFrame, rule: str) -> pd.DataFrame:
     return images
 
 
+def path_problem(root: Path, rel: str) -> str:
+    """Why the dataset file `rel` must not be read as part of data.root, or "".
+
+    Absolute paths and `..` leave the root by name; a symbolic link (of the file or a folder on its way) leaves it
+    on disk. Either way the file is no part of the versioned dataset (DVC hashes what is inside the root), and a
+    crafted record could point a stage at any file on the machine. The one exception is a link into DVC's
+    content-addressed cache (`<2 hex>/<30 hex>`: `cache.type: symlink`), which is how DVC itself checks data out.
+    """
+    if not _utf8(rel):
+        return (f"{_show(rel)} is not valid UTF-8: index.json, the masks named after it, the artifact store's "
+                "object keys and the submission CSV are all UTF-8")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or rel.startswith("\\"):
+        return f"{_show(rel)} is an absolute path"
+    if ".." in PurePosixPath(rel).parts or ".." in PureWindowsPath(rel).parts:
+        return f"{_show(rel)} has a `..` component"
+    try:
+        real = (root / rel).resolve()
+        inside = real.is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError) as e:   # a link loop, a NUL byte
+        return f"{_show(rel)} cannot be resolved ({type(e).__name__}: {e})"
+    if inside or _DVC_CACHE_OBJECT.fullmatch("/".join(real.parts[-2:])):
+        return ""
+    return f"{_show(rel)} resolves to {_show(str(real))} through a symbolic link, outside data.root {root}"
+
+
+_DVC_CACHE_OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{30}")
+
+
+def _inspect_where(paths: pd.Series, look: pd.Series, workers) -> pd.DataFrame:
+    """inspect_files for the rows where `look`; the others get a row that no file check fails on."""
+    found = inspect_files(paths[look].tolist(), workers).set_axis(paths.index[look])
+    skipped = pd.DataFrame({"path": "", "file_exists": True, "readable": False, "error": "", "real_w": math.nan,
+                            "real_h": math.nan, "orientation": 1, "mode": "", "hash": "", "values": ""},
+                           index=paths.index[~look])
+    files = found if not len(skipped) else skipped if not len(found) else pd.concat([found, skipped])
+    return files.loc[paths.index].astype({"file_exists": bool, "readable": bool})
+
+
+def _mask_clashes(images: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Per row its mask's name (segpipe.coco.mask_name) and, for the second and later rows of one split that
+    share a mask name, the first such record: `a.jpg` and `a.png` in one folder would write one mask twice."""
+    names, clashes, first = [], [], {}
+    for split, fname, ok, image_id in zip(images["split"], images["file_name"], images["name_ok"],
+                                          images["image_id"]):
+        name = mask_name(fname) if ok else ""
+        names.append(name)
+        key = (split, name)
+        clashes.append(f"image {first[key]}" if name and key in first else "")
+        if name and key not in first:
+            first[key] = f"{image_id} ({_show(fname)})"
+    return names, clashes
+
+
 def _check_images(images: pd.DataFrame, root: Path, params, warnings: list[str], workers,
                   seconds: dict[str, float], exif: str = "apply") -> tuple[pd.DataFrame, list, dict]:
     """File checks + image suites; returns the joined table, problems and GX results."""
     check_rule(exif)
+    images = images.reset_index(drop=True)
+    images["path_problem"] = [path_problem(root, f) if ok else "" for f, ok in zip(images["file_name"],
+                                                                                  images["name_ok"])]
+    # a file is opened only when its name passed: never one outside data.root
+    look = images["name_ok"] & (images["path_problem"] == "")
     with _timed(seconds, "files"):
-        files = inspect_files([str(root / f) for f in images["file_name"]], workers)
-    images = pd.concat([images.reset_index(drop=True), files.reset_index(drop=True)], axis=1)
-    images["decodable"] = images["readable"] | ~images["file_exists"]   # missing files are reported once
+        files = _inspect_where(images["file_name"].map(lambda f: str(root / f)), look, workers)
+    images["file_name"] = images["file_name"].map(_text)
+    images = pd.concat([images, files], axis=1)
+    # missing files are reported once (image_missing), files not looked at never (their name is the problem)
+    images["decodable"] = images["readable"] | ~images["file_exists"] | ~look
+    images["mask_name"], images["mask_clash"] = _mask_clashes(images)
     images = _orient_sizes(images, exif)
     problems, gx_results = [], {}
     with _timed(seconds, "gx"):
@@ -534,9 +678,9 @@ def validate_coco(root: Path, classes, params, *, unknown="background", ignore_i
         train_all = load_coco(root / "train_all.json")
         test = load_coco(root / "test.json") if (root / "test.json").exists() else None
     warnings: list[str] = [] if test else [f"{root / 'test.json'} not found: no test split"]
-    problems: list[Problem] = []
+    categories, problems = _check_categories(train_all)
     try:
-        cmap = class_map(train_all.categories, classes, unknown, ignore_index)
+        cmap = class_map(categories, classes, unknown, ignore_index)
     except UnknownCategoryError as e:
         problems.append(Problem("unknown_category_name", str(train_all.path), "categories", str(e)))
         cmap = {}
@@ -558,15 +702,21 @@ def validate_coco(root: Path, classes, params, *, unknown="background", ignore_i
         res, fails = run_suite("polygons", polys, POLY_SUITE)
     gx_results["polygons"] = res
     problems += [_problem(c, r, m, "ann") for c, r, m in fails]
+    problems += _unreported_geometry(anns, problems)
     for name in ("train.json", "val.json"):  # the given split files must be subsets of train_all
         if (root / name).exists():
             sub = load_coco(root / name)
-            for im in sub.images:
-                ref = train_all.image_by_id.get(im.get("id"))
-                if ref is None or ref.get("file_name") != im.get("file_name"):
-                    problems.append(Problem("split_inconsistent", str(sub.path), f"image {im.get('id')} "
-                                            f"({im.get('file_name')})", "not in train_all.json with the same id and "
-                                            "file_name; regenerate the split files from train_all.json"))
+            # compared as the JSON spells them: an ill-typed id that is the same in both files is train_all's
+            # problem (image_bad_type), not an inconsistency
+            listed = {(as_json(im.get("id"), 10**6), as_json(im.get("file_name"), 10**6))
+                      for im in train_all.images if isinstance(im, dict)}
+            for pos, im in enumerate(sub.images):
+                im = im if isinstance(im, dict) else {}
+                if (as_json(im.get("id"), 10**6), as_json(im.get("file_name"), 10**6)) not in listed:
+                    problems.append(Problem("split_inconsistent", str(sub.path), f"image {as_json(im.get('id'))} "
+                                            f"({_show(str(im.get('file_name', f'record {pos}')))})",
+                                            "not in train_all.json with the same id and file_name; regenerate the "
+                                            "split files from train_all.json"))
     n_anns = anns[anns["image_exists"].astype(bool)].groupby("image_id").size()
     images["n_annotations"] = images["image_id"].map(n_anns).fillna(0).astype(int)
     images.loc[images["split"] == "test", "n_annotations"] = 0
@@ -582,19 +732,57 @@ def validate_coco(root: Path, classes, params, *, unknown="background", ignore_i
     gx_results = {"suites": gx_results}
     tolerated = _finish(problems, params, root, gx_results)
     warnings += [f"tolerated bad record <validate.max_bad_records={params.max_bad_records}>: {p}" for p in tolerated]
-    bad_images = {p.image_id for p in tolerated if p.ann_id is None}
-    skip = {a for a in (p.ann_id for p in tolerated) if a is not None}
-    ann_id_of = {str(a.get("id")): a.get("id") for a in train_all.annotations if isinstance(a, dict)}
+    # tolerated records leave by position: their ids may be of any type, or duplicated as text ("3" and 3);
+    # every record left is one no check complained about, so it is well-typed from here on
+    bad_images = {p.pos for p in tolerated if p.ann_id is None}
+    bad_anns = {p.pos for p in tolerated if p.ann_id is not None}
+    kept_images = [im for k, im in enumerate(train_all.images) if k not in bad_images]
+    kept_anns = [a for k, a in enumerate(train_all.annotations) if k not in bad_anns]
+    skip = {a["id"] for k, a in enumerate(train_all.annotations)
+            if k in bad_anns and isinstance(a, dict) and is_int(a.get("id"))}
     train_rows = [
         {"image_id": im["id"], "file_name": im["file_name"], "image": im["file_name"], "width": im["width"],
          "height": im["height"], "batch": _batch(im["file_name"])}
-        for im in train_all.images if str(im["id"]) not in bad_images
+        for im in kept_images
     ]
     test_rows = [{"image_id": im["id"], "file_name": im["file_name"], "image": im["file_name"]}
                  for im in (test.images if test else [])]
-    return ValidationResult("coco", root, tuple(classes), train_rows, test_rows, train_all, cmap,
-                            {ann_id_of.get(a, a) for a in skip}, images, anns, polys, gx_results, warnings,
-                            tolerated, seconds)
+    coco = CocoFile(train_all.path, kept_images, kept_anns, categories)
+    return ValidationResult("coco", root, tuple(classes), train_rows, test_rows, coco, cmap, skip, images, anns,
+                            polys, gx_results, warnings, tolerated, seconds)
+
+
+def _check_categories(coco: CocoFile) -> tuple[list[dict], list[Problem]]:
+    """The well-formed categories (integer id, name string, unique id) and a fatal problem for each other one:
+    class_map maps by name and the annotations point by id, so a broken category would unlabel its class."""
+    good, problems, seen = [], [], {}
+    for pos, cat in enumerate(coco.categories):
+        errors = _type_errors(cat, ("id",), ("name",), "category record")
+        missing = [k for k in ("id", "name") if k not in cat] if isinstance(cat, dict) else []
+        cid = as_json(cat.get("id")) if isinstance(cat, dict) else "?"
+        record = f"category {cid} (#{pos} in categories)"
+        if errors or missing:
+            why = ", ".join([errors] * bool(errors) + [f"lacks {','.join(missing)}"] * bool(missing))
+            problems.append(Problem("category_invalid", str(coco.path), record, f"{why}; every category needs an "
+                                    "integer id and a name string (a name in data.classes)", pos=pos))
+            continue
+        if cat["id"] in seen:
+            problems.append(Problem("duplicate_category_id", str(coco.path), record, f"id {cat['id']} is also "
+                                    f"category `{seen[cat['id']]}`'s; give every category a unique id", pos=pos))
+            continue
+        seen[cat["id"]] = cat["name"]
+        good.append(cat)
+    return good, problems
+
+
+def _unreported_geometry(anns: pd.DataFrame, problems: list[Problem]) -> list[Problem]:
+    """A problem for each annotation check_segmentation refused that no suite reported: rasterisation would refuse
+    it too, so it must never pass validation (a guard against a check added without its expectation)."""
+    reported = {p.pos for p in problems if p.ann_id is not None}
+    return [Problem("invalid_segmentation", str(r["json"]), f"annotation {r['ann_id']} (image {r['image_id']})",
+                    f"{r['geometry']}; fix or delete the annotation", "train", r["image_id"], r["ann_id"],
+                    int(r["pos"]))
+            for _, r in anns[anns["geometry"] != ""].iterrows() if int(r["pos"]) not in reported]
 
 
 def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers: int | None = None,
@@ -609,22 +797,30 @@ def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers:
     problems: list[Problem] = []
     if not ds.train:
         problems.append(Problem("empty_dataset", str(root / "images"), "images", "no images: the dataset is empty"))
+    # file names come from the folder listing: well-typed, but links may leave the root and test names must
+    # still fit the submission CSV (its image_id is the bare file name here)
     images = pd.DataFrame(
-        [{"split": "train", "json": "images/", "pos": i, "image_id": str(i), "file_name": img, "width": math.nan,
-          "height": math.nan, "missing_keys": "", "mask_path": str(root / m)} for i, (img, m) in enumerate(ds.train)]
-        + [{"split": "test", "json": "test/images/", "pos": i, "image_id": str(i), "file_name": img,
-            "width": math.nan, "height": math.nan, "missing_keys": "", "mask_path": ""}
+        [{"split": "train", "json": "images/", "pos": i, "image_id": str(i), "file_name": img, "name_ok": True,
+          "width": math.nan, "height": math.nan, "missing_keys": "", "type_errors": "", "csv_problem": "",
+          "mask_path": str(root / m), "mask_path_problem": path_problem(root, m)}
+         for i, (img, m) in enumerate(ds.train)]
+        + [{"split": "test", "json": "test/images/", "pos": i, "image_id": str(i), "file_name": img, "name_ok": True,
+            "width": math.nan, "height": math.nan, "missing_keys": "", "type_errors": "",
+            "csv_problem": csv_name_problem(Path(img).name) if _utf8(img) else "", "mask_path": "",
+            "mask_path_problem": ""}
            for i, img in enumerate(ds.test)],
-        columns=["split", "json", "pos", "image_id", "file_name", "width", "height", "missing_keys", "mask_path"])
+        columns=["split", "json", "pos", "image_id", "file_name", "name_ok", "width", "height", "missing_keys",
+                 "type_errors", "csv_problem", "mask_path", "mask_path_problem"])
     seconds: dict[str, float] = {}
     images, img_problems, gx_results = _check_images(images, root, params, warnings, workers, seconds,
                                                      exif_orientation)
     problems += img_problems
     train = images[images["split"] == "train"].reset_index(drop=True)
+    look = train["mask_path_problem"] == ""
     with _timed(seconds, "files"):
-        masks = inspect_files(train["mask_path"].tolist(), workers)
+        masks = _inspect_where(train["mask_path"], look, workers)
     allowed = set(range(len(classes))) | {ignore_index}
-    train["mask_decodable"] = masks["readable"].values
+    train["mask_decodable"] = (masks["readable"] | ~look).values
     train["mask_error"] = masks["error"].values
     train["mask_mode"] = masks["mode"].values
     train["mask_w"], train["mask_h"] = masks["real_w"].values, masks["real_h"].values
@@ -634,7 +830,7 @@ def validate_mask_png(root: Path, classes, params, *, ignore_index=255, workers:
         res, fails = run_suite("masks", train, MASK_SUITE)
     gx_results["masks"] = res
     problems += [_problem(c, r, m, "mask") for c, r, m in fails]
-    empty = train[train["values"].isin(["0", ""]) & train["mask_decodable"]]
+    empty = train[train["values"].isin(["0", ""]) & masks["readable"].values]
     if len(empty) > params.max_empty_images:
         problems.append(Problem("too_many_empty_images", str(root / "masks"), f"{len(empty)} images",
                                 f"{len(empty)} masks are all background (> validate.max_empty_images="
