@@ -28,7 +28,7 @@ from pipelines.common import parser, run_main, write_json
 from pipelines.results import InferResult
 from segpipe.config import DataParams, InferParams, parse_section, read_params
 from segpipe.datasets import Sample, decode_all, load_index, read_mask
-from segpipe.engine import autocast_dtype, pick_device
+from segpipe.engine import autocast_dtype, load_checkpoint, pick_device
 from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, find_members, load_member,
                               nested_search, oof_miou_fn, search_weights, sha256_file)
 from segpipe.metrics import MIoU, confusion_matrix, miou
@@ -154,8 +154,7 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
     row_of = {n: i for i, n in enumerate(all_oof)}
     groups = sorted({m.group for m in members})
     # mmap: only the config is read here, not every member's weights
-    configs = {m.name: torch.load(m.checkpoint, map_location="cpu", weights_only=False, mmap=True)["config"]
-               for m in members}
+    configs = {m.name: load_checkpoint(m.checkpoint, mmap=True)["config"] for m in members}
     native = sw.image_size if sw.enabled else max(c["input_size"] for c in configs.values())
     ens_size = stored_size(native)      # members of smaller sizes are resized up to it before voting
 

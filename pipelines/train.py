@@ -20,12 +20,12 @@ from pipelines.codedeps import ROOT, closure
 from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
 from segpipe.config import DataParams, RetrainParams, TrainParams, parse_section, read_params
 from segpipe.datasets import ArrayDataset, build_augment, decode_all, load_index, load_pseudo_index
-from segpipe.engine import LoopConfig, pick_device, predict_probs, train_model, autocast_dtype
+from segpipe.engine import LoopConfig, load_checkpoint, pick_device, predict_probs, train_model, autocast_dtype
 from segpipe.losses import SegLoss
 from segpipe.models import build_from_spec
 from segpipe.probstore import npz_writer, stored_size, to_stored
 from segpipe.storage import (ArtifactExistsError, ArtifactStore, CorruptArtifactError, S3Config, StorageError,
-                             sha256_file)
+                             UnverifiedArtifactError, sha256_file)
 
 
 log = logging.getLogger("pipelines.train")
@@ -141,6 +141,10 @@ class CheckpointMirror(_ContentKeyed):
                 log.warning("%s; discarding it", e)
                 local.unlink(missing_ok=True)
                 self.store.delete(key)
+                continue
+            except UnverifiedArtifactError as e:    # no checksum: never unpickled; left for its owner to judge
+                log.warning("%s; not resuming from it", e)
+                local.unlink(missing_ok=True)
                 continue
             epoch = int(key.rsplit("-e", 1)[1].split(".")[0])
             log.info("restored %s (epoch %d) from %s", local, epoch, self.store.url(key))
@@ -391,7 +395,7 @@ def run(
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
                          data.ignore_index, resume_dir, resolved, on_checkpoint=push, desc=key)
 
-    best = torch.load(resume_dir / "best.pt", map_location="cpu", weights_only=False)
+    best = load_checkpoint(resume_dir / "best.pt")
     net.load_state_dict(best["model"])
     device = pick_device()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

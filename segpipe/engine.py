@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -88,6 +89,36 @@ def seed_everything(seed: int) -> None:
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, file too large); the previous one is intact."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds a type no segpipe checkpoint has: it is refused, not unpickled."""
+
+
+# numpy's RNG state (last.pt's rng.numpy, a uint32 array) is the one non-tensor type our checkpoints hold. With it
+# allowed, every load can use weights_only=True, whose unpickler builds only tensors, plain containers and these:
+# a checkpoint fetched from the store or another machine cannot run code when loaded. The second name is the one
+# pickles written under numpy 1.x refer to.
+torch.serialization.add_safe_globals([
+    np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+])
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True (tensors, plain containers, numpy's RNG state)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        # torch's message is mostly advice (including "allowlist it"); keep only what names the refused type
+        msg = str(e).split("WeightsUnpickler error:")[-1].split(" Please use")[0]
+        paras = [p.strip() for p in msg.split("\n\n") if p.strip() and not p.startswith("Check the doc")]
+        why = paras[-1].rstrip(".") if paras else repr(e)
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {path}: {why}. segpipe checkpoints hold only tensors, plain data and "
+            "numpy's RNG state, so this file was not written by segpipe's train stage (or by a newer version that "
+            "saves more): retrain it, or load it with torch.load(weights_only=False) only if you trust its source"
+        ) from None
 
 
 class _Recording(io.RawIOBase):
@@ -258,7 +289,7 @@ def train_model(
     start_epoch, best, best_epoch, history, per_class_best, top = 0, -1.0, -1, [], {}, []
     last = ckpt_dir / "last.pt"
     if last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = load_checkpoint(last, device)
         if state.get("config") == resolved_config:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,15 @@ def find_members(root: Path, top_k: bool = False) -> list[Member]:
 def load_member(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from the resolved config stored inside its checkpoint (its ModelSpec dump: architecture,
     encoder, heads, constructor kwargs; the weights come from the checkpoint, so no encoder weights are loaded)."""
-    state = torch.load(ckpt, map_location=device, weights_only=False)
+    # best.pt and top-k files hold tensors and plain data only, so weights_only=True loads them, and unpickles
+    # nothing else (engine.load_checkpoint also allows last.pt's numpy RNG state; importing it here would add
+    # engine and its imports to the code deps of every stage that reads members)
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load member checkpoint {ckpt}: it holds more than tensors and plain data, so "
+                         "segpipe's train stage did not write it; retrain that member (torch.serialization."
+                         "get_unsafe_globals_in_checkpoint lists what it holds)") from e
     cfg = state["config"]
     model = build_from_spec(cfg["model"], cfg["num_classes"], pretrained=False)
     model.load_state_dict(state["model"])

@@ -8,10 +8,12 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, TypeVar
 
 import boto3
@@ -22,8 +24,11 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
+from urllib3.exceptions import ProtocolError
 
 
 class StorageError(RuntimeError):
@@ -93,10 +98,23 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024   # files above this go through boto3's m
 UPLOAD_WORKERS = 8                       # parallel puts of one folder (botocore pools 10 connections)
 _CHUNK = 1024 * 1024
 
+STALE_UPLOAD_SECONDS = 24 * 3600       # a multipart upload this old belongs to a dead process: abort it
+# objects in these formats are pickles (torch.save): loading one runs code, so one without a recorded sha256 is
+# never downloaded (.bin is left out: it names raw bytes as often as pickles)
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}
 _MISSING_BUCKET_CODES = {"NoSuchBucket"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed"}
+# a store out of space or quota: retrying does not help, and it is not "unreachable". Ceph RGW answers
+# QuotaExceeded with a 403 (so these are checked before the credential codes), MinIO XMinioStorageFull (507; 500 in
+# old releases) and XMinioAdminBucketQuotaExceeded (400); EntityTooLarge is a quota on one object's size.
+# SeaweedFS (4.48, checked) answers a full volume set or a bucket over its quota with a plain 500 InternalError;
+# only its log says why ("no free volumes left", "read only ... bucket over quota"): see _call's last message.
+_FULL_CODES = {"QuotaExceeded", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "InsufficientStorage",
+               "StorageFull", "EntityTooLarge"}
+_INSUFFICIENT_STORAGE = 507
 
 
 class CorruptArtifactError(StorageError):
@@ -105,6 +123,22 @@ class CorruptArtifactError(StorageError):
 
 class ArtifactExistsError(StorageError):
     """A conditional write found the key already holding different content."""
+
+
+class StorageFullError(StorageError):
+    """The store refused a write for lack of space or quota: freeing space helps, retrying does not."""
+
+
+class UnverifiedArtifactError(StorageError):
+    """A pickle (checkpoint) object carries no recorded sha256: its content cannot be verified, so it is not read."""
+
+
+class UnsafeKeyError(StorageError):
+    """A key names a path outside the folder it is being downloaded into."""
+
+
+class _BrokenBody(IOError):
+    """The body of a GET ended before its Content-Length: the connection broke mid-download (retried)."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -142,10 +176,34 @@ def _status(e: ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _client_error(e: BaseException) -> ClientError | None:
+    """The ClientError itself, or the one s3transfer wrapped (S3UploadFailedError keeps it as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ClientError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _is_full(e: ClientError) -> bool:
+    return _code(e) in _FULL_CODES or _status(e) == _INSUFFICIENT_STORAGE
+
+
+# a connection that broke while the body streamed: botocore raises ResponseStreamingError (urllib3's
+# ProtocolError: reset, or IncompleteRead on an early EOF) or IncompleteReadError (fewer bytes than Content-Length)
+_BROKEN_BODY = (ResponseStreamingError, IncompleteReadError, ProtocolError, ConnectionError, _BrokenBody)
+
+
 def _is_transient(e: BaseException) -> bool:
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
         return True
+    if isinstance(e, _BROKEN_BODY):
+        return True
     if isinstance(e, ClientError):
+        if _is_full(e) or _status(e) == 501:     # 501 Not Implemented: this store lacks the operation for good
+            return False
         return _status(e) >= 500 or _code(e) in _TRANSIENT_CODES
     # s3transfer wraps the underlying error; look through the chain
     cause = e.__cause__ or e.__context__
@@ -165,12 +223,35 @@ def _atomic_write(local: Path, write: Callable[[object], None]) -> None:
         raise
 
 
+def _is_pickle(key: str) -> bool:
+    return key.lower().endswith(PICKLE_SUFFIXES)
+
+
+def local_path(local_dir: Path, rel: str, key: str) -> Path:
+    """Where the object `key` (`rel` below the downloaded prefix) goes under `local_dir`; an UnsafeKeyError for a
+    key that would land outside it (`..` components, an absolute or drive path: S3 keys are free text, and AWS
+    S3 stores `runs/r1/../../x` as it is)."""
+    parts = rel.replace("\\", "/").split("/")
+    if (not rel.strip("/") or ".." in parts or PurePosixPath(rel).is_absolute()
+            or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive):
+        raise UnsafeKeyError(
+            f"refusing to download key {key!r}: its path below the prefix, {rel!r}, is empty, absolute or has `..` "
+            f"components, and would be written outside {local_dir}. Delete or rename that object in the store")
+    target = local_dir / rel
+    # an existing symlink inside local_dir could still point out of it
+    if not target.resolve().is_relative_to(local_dir.resolve()):
+        raise UnsafeKeyError(f"refusing to download key {key!r}: {target} resolves to {target.resolve()}, outside "
+                             f"{local_dir} (a symlink there?); remove the link or download elsewhere")
+    return target
+
+
 class ArtifactStore:
     """Checksummed artifacts under `s3://<bucket>/<prefix>/`; writes never clobber another run's keys.
 
-    Every object carries the sha256 of its content in metadata; reads verify it. Transient failures
-    (connection refused, timeouts, 5xx) are retried with exponential backoff for up to `retry_seconds`
-    in total, so a store restarted mid-run costs a pause, not the run.
+    Every object carries the sha256 of its content in metadata; reads verify it, and a pickle (checkpoint)
+    without one is refused. Transient failures (connection refused, timeouts, 5xx, a download that breaks
+    mid-body) are retried with exponential backoff for up to `retry_seconds` in total, so a store restarted
+    mid-run costs a pause, not the run. A full store fails at once with StorageFullError.
     """
 
     def __init__(
@@ -195,6 +276,12 @@ class ArtifactStore:
         self._conditional_client.meta.events.register(
             "before-parameter-build.s3.CompleteMultipartUpload", _add_if_none_match
         )
+        # multipart uploads this store started, by full key: a failed or interrupted put aborts its own (s3transfer
+        # aborts on failure too, but not when that abort fails or the process is interrupted)
+        self._open_uploads: dict[str, set[str]] = {}
+        self._uploads_lock = threading.Lock()
+        for client in (self._client, self._conditional_client):
+            client.meta.events.register("after-call.s3.CreateMultipartUpload", self._upload_started)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url('')!r}, endpoint={self.cfg.endpoint_url!r})"
@@ -239,39 +326,69 @@ class ArtifactStore:
             attempt += 1
             try:
                 return fn()
-            except ClientError as e:
-                code = _code(e)
-                if code in _CREDENTIAL_CODES or _status(e) == 403:
-                    raise StorageError(
-                        f"S3 at {self._endpoint()} refused the credentials ({code}) during {what}: check "
-                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (for the local stack: "
-                        "`source .segpipe/credentials.env`) and that this identity may use bucket "
-                        f"{self.cfg.bucket!r}"
-                    ) from None
-                if code in _MISSING_BUCKET_CODES:
-                    raise StorageError(
-                        f"bucket {self.cfg.bucket!r} does not exist at {self._endpoint()}: run "
-                        "`segpipe stack up` (it creates it), create it, or set SEGPIPE_S3_BUCKET"
-                    ) from None
-                if not _is_transient(e):
-                    raise StorageError(f"S3 {what} at {self._endpoint()} failed: {code}: {e}") from e
-                err: BaseException = e
             except Exception as e:  # s3transfer and urllib3 wrap the transient ones; see _is_transient
-                if isinstance(e, StorageError) or not _is_transient(e):
+                if isinstance(e, StorageError):
                     raise
-                err = e
+                ce = _client_error(e)
+                if ce is not None:
+                    self._raise_permanent(what, ce, e)
+                if not _is_transient(e):
+                    if ce is not None:
+                        raise StorageError(f"S3 {what} at {self._endpoint()} failed: {_code(ce)}: {e}") from e
+                    raise
+                err: BaseException = e
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StorageError(
-                    f"cannot reach S3 at {self._endpoint()} for {what} after {attempt} attempts in "
-                    f"{self.retry_seconds:.0f}s ({type(err).__name__}: {err}): is the store running? "
-                    "Run `segpipe stack up`, or check SEGPIPE_S3_ENDPOINT"
-                ) from err
+                raise self._gave_up(what, attempt, err) from err
             sleep = min(delay * (0.5 + random.random()), remaining, 10.0)
             log.warning("S3 %s failed (%s); retry %d in %.1fs <SEGPIPE_S3_RETRY_SECONDS=%.0f>",
                         what, type(err).__name__, attempt, sleep, self.retry_seconds)
             time.sleep(sleep)
             delay *= 2
+
+    def _raise_permanent(self, what: str, e: ClientError, outer: BaseException) -> None:
+        """Raise the StorageError for an answer that retrying cannot change (full, credentials, no bucket)."""
+        code = _code(e)
+        if _is_full(e):     # before the credential check: Ceph's QuotaExceeded is a 403
+            message = e.response.get("Error", {}).get("Message") or ""
+            raise StorageFullError(
+                f"storage full: S3 at {self._endpoint()} refused {what} in bucket {self.cfg.bucket!r} "
+                f"({code or 'HTTP'} {_status(e)}: {message}). Free space in the store (delete old runs' "
+                "artifacts) or raise its quota"
+                + (" or its maximum object size" if code == "EntityTooLarge" else "")
+                + ", then run the task again; the files are still on this disk"
+            ) from outer
+        if code in _CREDENTIAL_CODES or _status(e) == 403:
+            raise StorageError(
+                f"S3 at {self._endpoint()} refused the credentials ({code}) during {what}: check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (for the local stack: "
+                "`source .segpipe/credentials.env`) and that this identity may use bucket "
+                f"{self.cfg.bucket!r}"
+            ) from None
+        if code in _MISSING_BUCKET_CODES:
+            raise StorageError(
+                f"bucket {self.cfg.bucket!r} does not exist at {self._endpoint()}: run "
+                "`segpipe stack up` (it creates it), create it, or set SEGPIPE_S3_BUCKET"
+            ) from None
+
+    def _gave_up(self, what: str, attempts: int, err: BaseException) -> StorageError:
+        """The error once the retry budget is spent, saying which of the transient failures it was."""
+        spent = f"after {attempts} attempts in {self.retry_seconds:.0f}s <SEGPIPE_S3_RETRY_SECONDS>"
+        if isinstance(err, _BrokenBody):
+            return StorageError(
+                f"the download of {what} broke off mid-body {spent} (last: {err}); no partial file is "
+                f"kept. Something between here and S3 at {self._endpoint()} cuts connections (network, "
+                "proxy, a store restarting): fix that, or raise SEGPIPE_S3_RETRY_SECONDS")
+        ce = _client_error(err)
+        if ce is not None:      # the store answered, every time, with an error of its own
+            return StorageError(
+                f"S3 at {self._endpoint()} is up but answered {_code(ce)} (HTTP {_status(ce)}) to {what} {spent}. "
+                "A SeaweedFS store answers a write this way when it is full or the bucket is over its quota (its "
+                "log says `no free volumes left` or `read only ... bucket over quota`): free space or raise the "
+                "quota (`weed shell`: s3.bucket.quota), else see the store's log")
+        return StorageError(
+            f"cannot reach S3 at {self._endpoint()} for {what} {spent} ({type(err).__name__}: {err}): is the "
+            "store running? Run `segpipe stack up`, or check SEGPIPE_S3_ENDPOINT")
 
     def _endpoint(self) -> str:
         return self.cfg.endpoint_url or "AWS S3"
@@ -303,29 +420,52 @@ class ArtifactStore:
         return head.get("Metadata", {}).get(SHA256_META)
 
     def _read_into(self, key: str, sink) -> str:
-        """Stream `key` into `sink`, verifying the recorded sha256; returns it."""
+        """Stream `key` into `sink`, verifying the recorded sha256; returns it. A pickle without one is refused
+        before a byte reaches `sink`; a body cut short is read again (within the retry budget)."""
+        url = self.url(key)
+
         def get():
             try:
                 resp = self._client.get_object(Bucket=self.cfg.bucket, Key=self._key(key))
             except ClientError as e:
                 if _code(e) in {"404", "NoSuchKey"}:
-                    raise StorageError(f"{self.url(key)} does not exist") from None
+                    raise StorageError(f"{url} does not exist") from None
                 raise
+            expected = resp.get("Metadata", {}).get(SHA256_META)
+            if expected is None and _is_pickle(key):
+                resp["Body"].close()
+                raise UnverifiedArtifactError(
+                    f"refusing {url}: it has no recorded sha256 (x-amz-meta-{SHA256_META}), so its content cannot "
+                    "be verified, and it is a pickle, which runs code when loaded. It was not written by segpipe's "
+                    "ArtifactStore: delete it, or put a copy you trust through ArtifactStore.put_file (which "
+                    "records the checksum)")
             sink.seek(0)
             sink.truncate()
-            h = hashlib.sha256()
-            for block in resp["Body"].iter_chunks(_CHUNK):
-                h.update(block)
-                sink.write(block)
-            return resp.get("Metadata", {}).get(SHA256_META), h.hexdigest()
+            h, n, size = hashlib.sha256(), 0, resp.get("ContentLength")
+            try:
+                for block in resp["Body"].iter_chunks(_CHUNK):
+                    h.update(block)
+                    sink.write(block)
+                    n += len(block)
+            except (*_BROKEN_BODY, ReadTimeoutError) as e:
+                raise _BrokenBody(f"{url}: the connection broke after {n} of {size} bytes "
+                                  f"({type(e).__name__}: {e})") from e
+            if size is not None and n != size:     # botocore checks this too; a short file must never pass
+                raise _BrokenBody(f"{url}: the body ended after {n} of {size} bytes")
+            return expected, h.hexdigest()
 
         expected, actual = self._call(f"get {key}", get)
+        if expected is not None and expected != actual:
+            # callers delete an object reported corrupt (a checkpoint mirror, a cached result): read it once more
+            # so that one bad transfer never costs stored work
+            log.warning("%s: content sha256 %s... != recorded %s...; reading it again", url, actual[:12],
+                        expected[:12])
+            expected, actual = self._call(f"get {key}", get)
         if expected is None:
-            log.warning("%s has no recorded sha256 (not written by ArtifactStore); content not verified",
-                        self.url(key))
+            log.warning("%s has no recorded sha256 (not written by ArtifactStore); content not verified", url)
         elif expected != actual:
             raise CorruptArtifactError(
-                f"{self.url(key)} is corrupt: content sha256 {actual[:12]}... != recorded {expected[:12]}...; "
+                f"{url} is corrupt: content sha256 {actual[:12]}... != recorded {expected[:12]}... (read twice); "
                 "re-run the stage that wrote it"
             )
         return actual
@@ -360,11 +500,9 @@ class ArtifactStore:
         keys = self.list(f"{base}/" if base else "")
         if not keys:
             raise StorageError(f"nothing under {self.url(base)}/ to download")
-        out = []
-        for key in keys:
-            rel = key[len(base):].lstrip("/")
-            out.append(self.get_file(key, local_dir / rel))
-        return out
+        # every key is checked before the first download: a bad one leaves nothing half-mirrored
+        targets = [(key, local_path(local_dir, key[len(base):].lstrip("/"), key)) for key in keys]
+        return [self.get_file(key, target) for key, target in targets]
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -433,8 +571,10 @@ class ArtifactStore:
             try:
                 client.upload_file(str(local), self.cfg.bucket, self._key(key),
                                    ExtraArgs={"Metadata": {SHA256_META: digest}}, Config=self.transfer)
+                self._forget_uploads(self._key(key))
                 return True
-            except Exception as e:
+            except BaseException as e:      # Ctrl-C and SystemExit too: their parts would stay in the store
+                self._abort_own_uploads(self._key(key))
                 cause = e.__cause__ or e.__context__
                 if isinstance(cause, ClientError) and (_code(cause) == "PreconditionFailed" or _status(cause) == 412):
                     return False
@@ -444,6 +584,64 @@ class ArtifactStore:
         if self._call(f"multipart put {key}", upload):
             return self.url(key)
         return self._resolve_conflict(key, digest)
+
+    # ---- multipart uploads left behind ---------------------------------------------------------
+
+    def _upload_started(self, http_response=None, parsed=None, **kwargs) -> None:
+        if http_response is not None and http_response.status_code < 300 and parsed and parsed.get("UploadId"):
+            with self._uploads_lock:
+                self._open_uploads.setdefault(parsed["Key"], set()).add(parsed["UploadId"])
+
+    def _forget_uploads(self, full_key: str) -> set[str]:
+        with self._uploads_lock:
+            return self._open_uploads.pop(full_key, set())
+
+    def _abort_own_uploads(self, full_key: str) -> None:
+        """Abort the multipart uploads this store started for `full_key` (one try each: this runs while an error
+        or an interrupt is on its way out, and abort_stale_uploads catches what is left)."""
+        for upload_id in self._forget_uploads(full_key):
+            try:
+                self._client.abort_multipart_upload(Bucket=self.cfg.bucket, Key=full_key, UploadId=upload_id)
+                log.info("aborted multipart upload %s of %s", upload_id[:16], full_key)
+            except ClientError as e:
+                if _code(e) in {"NoSuchUpload", "404"}:     # s3transfer's own cleanup got there first
+                    continue
+                log.warning("could not abort multipart upload %s of s3://%s/%s (%s); abort_stale_uploads() "
+                            "removes it once older than %.0fh", upload_id, self.cfg.bucket, full_key, e,
+                            STALE_UPLOAD_SECONDS / 3600)
+            except Exception as e:
+                log.warning("could not abort multipart upload %s of s3://%s/%s (%s: %s); abort_stale_uploads() "
+                            "removes it once older than %.0fh", upload_id, self.cfg.bucket, full_key,
+                            type(e).__name__, e, STALE_UPLOAD_SECONDS / 3600)
+
+    def abort_stale_uploads(self, older_than: float = STALE_UPLOAD_SECONDS) -> list[str]:
+        """Abort the incomplete multipart uploads under this store's prefix begun more than `older_than` seconds
+        ago; returns their keys. A killed process leaves its parts in the store, taking space that `list` never
+        shows. The age guards uploads still running elsewhere (measured on the store's clock as it reports it)."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+
+        def list_uploads() -> list[dict]:
+            uploads = []
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.cfg.bucket,
+                                                                                     Prefix=prefix):
+                uploads += page.get("Uploads", [])
+            return uploads
+
+        stale = [u for u in self._call(f"list multipart uploads under {prefix or '/'}", list_uploads)
+                 if u["Initiated"] <= cutoff]
+
+        def abort(u: dict) -> None:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.cfg.bucket, Key=u["Key"], UploadId=u["UploadId"])
+            except ClientError as e:
+                if _code(e) not in {"NoSuchUpload", "404"}:     # finished or aborted meanwhile: nothing to do
+                    raise
+        for u in stale:
+            self._call(f"abort multipart upload of {u['Key']}", lambda u=u: abort(u))
+            log.info("aborted stale multipart upload of s3://%s/%s begun %s", self.cfg.bucket, u["Key"],
+                     u["Initiated"])
+        return sorted(self._rel(u["Key"]) for u in stale)
 
     def delete(self, key: str) -> None:
         """Remove `key` (no error if it is already gone): only for superseded state such as old checkpoints."""
@@ -485,7 +683,8 @@ def _add_if_none_match(params, **kwargs) -> None:
 
 
 def ensure_bucket(cfg: S3Config, bucket: str, *, retry_seconds: float = 60.0) -> None:
-    """Create `bucket` if it is missing (used by `segpipe stack up`; retries while the store starts)."""
+    """Create `bucket` if it is missing, and abort the multipart uploads older than a day left in it (used by
+    `segpipe stack up`; retries while the store starts)."""
     store = ArtifactStore(S3Config(cfg.endpoint_url, cfg.access_key, cfg.secret_key, bucket, cfg.region),
                           retry_seconds=retry_seconds)
 
@@ -496,3 +695,9 @@ def ensure_bucket(cfg: S3Config, bucket: str, *, retry_seconds: float = 60.0) ->
             if _code(e) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise
     store._call(f"create bucket {bucket}", create)
+    # the stack's start is the one moment every deployment passes: clear what killed runs left behind
+    try:
+        if gone := store.abort_stale_uploads():
+            log.info("aborted %d stale multipart upload(s) in bucket %s", len(gone), bucket)
+    except StorageError as e:       # a store without ListMultipartUploads still starts
+        log.warning("could not clean stale multipart uploads in bucket %s: %s", bucket, e)
