@@ -7,7 +7,9 @@
   after `HEARTBEAT_MISSES` missed beats instead of staying Running forever, and every Failed or Crashed run
   posts to a webhook (a CustomWebhookNotificationBlock) when one is configured.
 
-`python -m flows.monitoring install [--webhook URL]` does what `segpipe stack up` does.
+`SEGPIPE_ALERT_WEBHOOK=URL python -m flows.monitoring install` does what `segpipe stack up` does. The URL comes
+from the environment only, never the command line (a URL may carry a token, and `ps` shows argv to every local
+user), and is kept in the block's secret values, so the Prefect UI and API show it as `********`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ZOMBIE_AUTOMATION = "segpipe: crash flow runs that stopped sending heartbeats"
 FAILURE_AUTOMATION = "segpipe: notify on failed or crashed flow runs"
 WEBHOOK_BLOCK = "segpipe-alerts"
 WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"
+# the block's url is this placeholder; the URL itself is one of the block's secrets, filled in when it posts
+WEBHOOK_SECRET = "webhook_url"
 # library loggers whose records go to the Prefect run log (set in the worker's environment and prefect.yaml)
 EXTRA_LOGGERS = "segpipe,pipelines"
 
@@ -107,6 +111,12 @@ def publish_run_links(summary: dict, store) -> None:
                              description="every stage's S3 artifacts, content key and whether it was reused")
 
 
+def check_webhook(url: str) -> None:
+    """ValueError unless `url` is an http(s) URL; the message never shows the value (it may carry a token)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"${WEBHOOK_ENV} is not an http(s) URL: set it to the address to POST alerts to")
+
+
 def install(webhook: str | None = None, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> dict:
     """Create (or replace) the zombie-run automation and, given a webhook URL, the failure notification."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -130,8 +140,9 @@ def install(webhook: str | None = None, heartbeat_seconds: int = HEARTBEAT_SECON
                                     message=f"no heartbeat for {HEARTBEAT_MISSES * heartbeat_seconds}s: marked "
                                             "Crashed by segpipe's zombie-run automation")])]
     if webhook:
+        check_webhook(webhook)
         block = CustomWebhookNotificationBlock(
-            name=WEBHOOK_BLOCK, url=webhook, method="POST",
+            name=WEBHOOK_BLOCK, url=f"{{{{ {WEBHOOK_SECRET} }}}}", secrets={WEBHOOK_SECRET: webhook}, method="POST",
             json_data={"subject": "{{subject}}", "body": "{{body}}", "name": "{{name}}"})
         block_id = block.save(WEBHOOK_BLOCK, overwrite=True)
         automations.append(AutomationCore(
@@ -154,12 +165,21 @@ def install(webhook: str | None = None, heartbeat_seconds: int = HEARTBEAT_SECON
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("install", help="create the zombie-run automation and the failure webhook")
-    i.add_argument("--webhook", default=os.environ.get(WEBHOOK_ENV) or None,
-                   help=f"URL to POST failed/crashed runs to (default ${WEBHOOK_ENV}; none: no notification)")
+    i = sub.add_parser("install", help="create the zombie-run automation and, with $SEGPIPE_ALERT_WEBHOOK (a URL to "
+                                       "POST failed/crashed runs to), the failure webhook")
+    i.add_argument("--webhook", help=argparse.SUPPRESS)     # gone: only there to say where the URL goes now
     i.add_argument("--heartbeat-seconds", type=int, default=int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECONDS)))
     a = p.parse_args()
-    for name, aid in install(a.webhook, a.heartbeat_seconds).items():
+    if a.webhook is not None:
+        p.error(f"--webhook is gone: a URL on the command line is visible to every local user (`ps`); export "
+                f"{WEBHOOK_ENV}=URL instead (and rotate the URL's token if it carries one)")
+    webhook = os.environ.get(WEBHOOK_ENV) or None
+    if webhook:
+        try:
+            check_webhook(webhook)
+        except ValueError as e:
+            p.error(str(e))
+    for name, aid in install(webhook, a.heartbeat_seconds).items():
         print(f"automation {aid}: {name}")
 
 

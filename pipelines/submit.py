@@ -28,7 +28,7 @@ import numpy as np
 from pipelines.common import write_json
 from segpipe.config import DEFAULT_PARAMS, DataParams, SubmitParams, parse_section, read_params
 from segpipe.leaderboard import (
-    SUBMITTED, LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Limits, Submission,
+    SUBMITTED, LeaderboardClient, LeaderboardError, LeaderboardUnreachable, Limits, Submission, check_key_host,
 )
 from segpipe.submission import lint_submission, write_submission
 
@@ -164,8 +164,9 @@ def may_submit(params: SubmitParams, deployment: str | None) -> bool:
     return policy != "never"
 
 
-def preflight(params: SubmitParams, key: str | None, *, env: str = KEY_ENV) -> None:
-    """At start-up, before any work: the key is set and, where the leaderboard can say so, it accepts the key.
+def preflight(params: SubmitParams, key: str | dict | None, *, env: str = KEY_ENV) -> None:
+    """At start-up, before any work: the key is set, submit.base_url is the host it was issued for
+    (LeaderboardClient checks; KeyHostMismatch names both) and, where the leaderboard can say so, it accepts the key.
 
     Never spends a slot: it asks the limits endpoint (a 401 raises). A leaderboard with only the published
     protocol has no call that checks a key without taking a slot, so there the key is first used by the submit
@@ -173,8 +174,9 @@ def preflight(params: SubmitParams, key: str | None, *, env: str = KEY_ENV) -> N
     """
     if not key:
         raise SubmitFailed(f"{env} is not set and this run may submit (submit.policy / submit.manual_policy): "
-                           "export the leaderboard key, put it in a Prefect Secret block, or set submit.mode: "
-                           "dry-run")
+                           "export the leaderboard key, put it in a Prefect Secret block (with its host, "
+                           "{\"key\": KEY, \"host\": HOST}, for a leaderboard other than the local one), or set "
+                           "submit.mode: dry-run")
     client = LeaderboardClient(params.base_url, params.competition_id, key, retries=1, backoff_s=2.0)
     try:
         offered = client.offers_extras()
@@ -244,7 +246,7 @@ def record(params: SubmitParams, sub: Submission, *, run: str, sha256: str, oof_
     return [r for r in records if r.get("leaderboard") == entry["leaderboard"]]
 
 
-def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, *, key: str | None,
+def run(params: SubmitParams, data: DataParams, infer_dir: Path, out_dir: Path, *, key: str | dict | None,
         hyperparameters: dict, force: bool = False, oof_miou: float | None = None, deployment: str | None = None,
         run_name: str = "", round_: int | None = None, round_reason: str = "") -> SubmitResult:
     """Write out_dir/submission.csv from infer_dir's (N, H, W) masks, lint it, and submit it if the policy allows.
@@ -426,6 +428,11 @@ def main(argv: list[str] | None = None) -> None:
     decision = decide(params, None, oof, read_history(params))   # a run by hand belongs to no deployment
     if decision.submit and not key:                  # fail before minutes of CSV writing, not after
         raise SystemExit(f"{KEY_ENV} is not set: export your leaderboard key, or set submit.mode: dry-run")
+    if decision.submit:                              # the same check the client makes, before the CSV too
+        try:
+            check_key_host(params.base_url, key)
+        except LeaderboardError as e:
+            raise SystemExit(f"submit failed: {e}") from None
     hyper = {name: raw.get(name, {}) for name in ("train", "retrain", "infer")}
     try:
         result = run(params, data, choice.infer_dir, args.out, key=key, hyperparameters=hyper, force=args.force,

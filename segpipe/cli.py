@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                           ("credentials", "write <home>/credentials.env without starting anything (docker compose)"),
                           ("dvc-remote", "point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's "
                                          "credentials (a container's worker)")):
-        a = st_sub.add_parser(action, help=help_)
+        a = st_sub.add_parser(action, help=help_, epilog=(
+            f"Failed or crashed flow runs are posted to ${stack.ALERT_WEBHOOK_ENV} when it is set: a URL, read from "
+            "the environment only, never the command line." if action == "up" else None))
         a.add_argument("--home", help="stack home (default: $SEGPIPE_HOME or ./.segpipe)")
         if action == "up":
             a.add_argument("--only", help=f"comma-separated subset of {','.join(stack.SERVICES)}")
@@ -37,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="first of 7 consecutive SeaweedFS internal ports (env SEGPIPE_WEED_BASE_PORT, "
                                 "default s3 port + 1; each also uses port + 10000 for gRPC)")
             a.add_argument("--labels", help="hidden test labels for the leaderboard (default: data.hidden_labels)")
-            a.add_argument("--alert-webhook", help="URL that failed or crashed flow runs are posted to "
-                                                   f"(default ${stack.ALERT_WEBHOOK_ENV}; none: no notification)")
+            # gone: the URL may carry a token, and `ps` shows argv to every local user; kept only to say so
+            a.add_argument("--alert-webhook", help=argparse.SUPPRESS)
     sub.add_parser("leaderboard", help="the leaderboard client/server (segpipe leaderboard --help)", add_help=False)
     w = sub.add_parser("weights", help="pretrained encoder weights kept in the S3 store (fetched once)")
     w_sub = w.add_subparsers(dest="action", required=True)
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return _weights(args)
     try:
         if args.action == "up":
+            if args.alert_webhook is not None:
+                print(f"segpipe stack up: --alert-webhook is gone: a URL on the command line is visible to every "
+                      f"local user (`ps`); export {stack.ALERT_WEBHOOK_ENV}=URL instead (and rotate the URL's token "
+                      "if it carries one)", file=sys.stderr)
+                return 2
             # None: every service, the leaderboard only where there are hidden labels to serve (stack.up)
             services = [s.strip() for s in args.only.split(",")] if args.only else None
             if args.no_leaderboard:
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      "weed_base": args.weed_base_port}
             t0 = time.monotonic()
             st = stack.up(args.home, {k: v for k, v in ports.items() if v}, services,
-                          labels=args.labels, alert_webhook=args.alert_webhook)
+                          labels=args.labels)       # the webhook: $SEGPIPE_ALERT_WEBHOOK, read by stack.up
             print(stack.format_status(st))
             home = stack.stack_home(args.home)
             print(f"\nup in {time.monotonic() - t0:.0f}s; credentials: source {home / 'credentials.env'}")

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -32,6 +35,8 @@ log = logging.getLogger("segpipe.leaderboard")
 OBJECT_KEY = "app/Competitions/{cid:06d}/Users/{user:08d}/Submissions/{local_id:04d}/output.csv"
 # the answer's `submission.status` for a file uploaded to a server with no score API: read the score on its page
 SUBMITTED = "submitted"
+# the host a key given as a bare string was issued for; a key with none recorded goes only to a loopback address
+KEY_HOST_ENV = "SEGPIPE_LEADERBOARD_HOST"
 
 
 class LeaderboardError(RuntimeError):
@@ -44,6 +49,10 @@ class LeaderboardUnreachable(LeaderboardError):
 
 class LeaderboardAuthError(LeaderboardError):
     """401: the key is missing or unknown (check SEGPIPE_LEADERBOARD_KEY)."""
+
+
+class KeyHostMismatch(LeaderboardError):
+    """The key was issued for another host than the one submit.base_url points to: nothing was sent."""
 
 
 class SubmissionRefused(LeaderboardError):
@@ -101,6 +110,61 @@ def _s3_error(resp: requests.Response) -> str:
     return f"{resp.status_code} {code.group(1) if code else ''} {msg.group(1) if msg else resp.text[:200]}".strip()
 
 
+def _hostname(url_or_host: str) -> str:
+    """`https://lb.example:443/x`, `lb.example:443` or `lb.example` -> `lb.example` (lower case)."""
+    text = url_or_host.strip()
+    return (urlsplit(text if "://" in text else f"//{text}").hostname or "").lower()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_key_host(base_url: str, key: str | Mapping[str, str], key_host: str | None = None) -> str:
+    """The bare key to send to `base_url`, once its host is the one the key was issued for; else KeyHostMismatch.
+
+    A key's host is recorded with it: a Prefect Secret block's JSON value `{"key": ..., "host": ...}`, or, for a
+    bare key, `key_host` (default $SEGPIPE_LEADERBOARD_HOST). The check is on the host name, not the port: the
+    local emulator and the tests' servers move between ports, a key's issuer does not move between hosts. A key
+    with no recorded host (the ones `segpipe stack up` makes for its emulator) goes to a loopback address only,
+    so it never leaves the machine. Messages name hosts, never the key.
+    """
+    if isinstance(key, Mapping):
+        missing = [k for k in ("key", "host") if not key.get(k)]
+        if missing:
+            raise LeaderboardAuthError(
+                f"the leaderboard key's secret value has no {' and no '.join(map(repr, missing))}: store it as "
+                "{\"key\": KEY, \"host\": HOST} (a Prefect Secret block's JSON value)")
+        key, key_host, source = key["key"], key["host"], "the host stored with the key"
+    else:
+        key_host = key_host or os.environ.get(KEY_HOST_ENV) or None
+        source = KEY_HOST_ENV
+    target = _hostname(base_url)
+    if not target:
+        raise LeaderboardError(f"submit.base_url {base_url!r} has no host: give a URL like https://lb.example")
+    if key_host is None:
+        if _loopback(target):
+            return key
+        raise KeyHostMismatch(
+            f"not sending the leaderboard key to {target} (submit.base_url): no host is recorded for it, and a key "
+            f"without one goes only to the local emulator (127.0.0.1). If the key was issued for {target}, record "
+            f"that: export {KEY_HOST_ENV}={target} beside the key, or keep key and host together in its Prefect "
+            f"Secret block: Secret(value={{\"key\": KEY, \"host\": \"{target}\"}}).save(BLOCK, overwrite=True) with "
+            "BLOCK leaderboard-key (leaderboard-ablation-key for the ablation key)")
+    issued = _hostname(key_host)
+    if issued != target:
+        raise KeyHostMismatch(
+            f"not sending the leaderboard key to {target}: it was issued for {issued or repr(key_host)} ({source}), "
+            f"and submit.base_url ({base_url}) points elsewhere. Point submit.base_url at {issued}, or use the key "
+            f"issued for {target}")
+    return key
+
+
 # A dropped connection can surface while the body is read (ChunkedEncodingError: the server answered, then the
 # connection broke mid-response), not only while connecting; both are worth a retry, as the calls are idempotent.
 TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
@@ -109,13 +173,15 @@ TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.Chu
 class LeaderboardClient:
     """Talks to an AI Stages style leaderboard; retries transport errors and 5xx, never 4xx."""
 
-    def __init__(self, base_url: str, competition_id: int, key: str, *, timeout: float = 30.0,
-                 retries: int = 4, backoff_s: float = 1.0, session: requests.Session | None = None):
+    def __init__(self, base_url: str, competition_id: int, key: str | Mapping[str, str], *, timeout: float = 30.0,
+                 retries: int = 4, backoff_s: float = 1.0, session: requests.Session | None = None,
+                 key_host: str | None = None):
         if not key:
             raise LeaderboardAuthError("no leaderboard key: set SEGPIPE_LEADERBOARD_KEY")
         self.base_url = base_url.rstrip("/")
         self.competition_id = competition_id
-        self._key = key
+        # every caller (submit, ablation, the start-up check) builds a client: the one place a key meets a host
+        self._key = check_key_host(self.base_url, key, key_host)
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.session = session or requests.Session()
         self._extras: bool | None = None         # limits/listing/scores offered? None: not asked yet

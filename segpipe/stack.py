@@ -4,16 +4,21 @@
 (own session, log file under `<home>/logs/`); its pid and start time go into `<home>/state.json`
 so `down` stops exactly the processes `up` started, never a stranger that reused a pid or a port.
 Credentials are generated once and kept in `<home>/credentials.env` (mode 0600); the worker and
-the leaderboard get them through their environment, so secrets never pass through Prefect
-parameters, params.yaml, logs or git.
+the leaderboard get them through their environment, SeaweedFS through a 0600 file, DVC through
+.dvc/config.local (0600), the alert webhook's installer through its environment: secrets never
+pass through a command line (`ps` shows argv to every local user), Prefect parameters,
+params.yaml, logs or git.
 """
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -59,6 +64,8 @@ FLOW_RUN_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_LOGGING_EXTR
 # the worker asks for scheduled runs every 2 s (Prefect's default, 10 s, is on every run's critical path)
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
 ALERT_WEBHOOK_ENV = "SEGPIPE_ALERT_WEBHOOK"   # where failed/crashed runs are posted (none: no notification)
+# the host a bare leaderboard key was issued for (segpipe.leaderboard.KEY_HOST_ENV); the stack's keys have none
+LEADERBOARD_HOST_ENV = "SEGPIPE_LEADERBOARD_HOST"
 
 
 class StackError(RuntimeError):
@@ -98,8 +105,9 @@ def _load_state(home: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {"services": {}, "ports": {}}
 
 
-def _atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")   # mkstemp: 0600
+def _atomic_text(path: Path, text: str, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+    """Write `path` whole or not at all; the temp file (in `tmp_dir`, default beside `path`) is 0600 from birth."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")   # mkstemp: 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -372,6 +380,9 @@ def _start_worker(home: Path, ports: dict[str, int], env: dict[str, str], cwd: P
     # flow runs shell out to `dvc` and `python -m pipelines.*`: the project's own tools come first on PATH,
     # whether or not the shell that ran `stack up` had the virtualenv activated
     wenv["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), wenv.get("PATH", "")])
+    # the worker's SEGPIPE_LEADERBOARD_KEY is the emulator's key made above: a host recorded in the shell that ran
+    # `up` is for some other key, and must not let this one go there (a key with no host goes to loopback only)
+    wenv.pop(LEADERBOARD_HOST_ENV, None)
     cmd = worker_command(_bin("prefect"), name)
     rec = _spawn(home, "worker", cmd, wenv, cwd)
     _wait("worker", rec, lambda: _worker_online(ports, name), START_TIMEOUT["worker"])
@@ -442,26 +453,67 @@ def _start_leaderboard(home: Path, ports: dict[str, int], env: dict[str, str], c
     return rec
 
 
+def _dvc_remote_section(cfg: configparser.ConfigParser, remote: str) -> str | None:
+    """The section of `remote` as DVC writes it (`['remote "x"']`) or as a person may (`[remote "x"]`)."""
+    for section in cfg.sections():
+        m = re.fullmatch(r"""\s*'?\s*remote\s*"(.*)"\s*'?\s*""", section)
+        if m and m.group(1) == remote:
+            return section
+    return None
+
+
+def _read_dvc_config(path: Path) -> configparser.ConfigParser:
+    # DVC's own files (configobj) indent their keys; configparser reads that, and keeps values as raw text
+    cfg = configparser.ConfigParser(interpolation=None, strict=False)
+    if path.is_file():
+        cfg.read_string(path.read_text())
+    return cfg
+
+
+def _dvc_value(name: str, value: str) -> str:
+    """`value` as DVC's parser (configobj) reads it back unchanged: unquoted, `#` starts a comment and `,` makes a
+    list, so such a value is quoted. The error names the setting, never the value."""
+    if value and not re.search(r"""[#,"'\s]""", value):
+        return value
+    for quote in ('"', "'"):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise StackError(f"{name} holds both quote characters, which a DVC config file cannot: use credentials "
+                     "without them")
+
+
 def _configure_dvc(cwd: Path, env: dict[str, str]) -> bool:
-    """Point the DVC remote at the stack's S3; secrets go to .dvc/config.local (git-ignored) only."""
-    if not (cwd / ".dvc").is_dir():
+    """Point the DVC remote at the stack's S3; secrets go to .dvc/config.local (git-ignored, mode 0600) only.
+
+    Written here, not with `dvc remote modify --local ... secret_access_key SECRET`: that puts the secret in
+    dvc's argv, which `ps` shows every local user while dvc runs. The file is made 0600 from the start (a
+    mkstemp file renamed over the old one), so not even an old 0644 config.local ever holds the secret."""
+    dvc_dir = cwd / ".dvc"
+    if not dvc_dir.is_dir():
         return False
-    dvc = _bin("dvc")
-
-    def run(*args: str) -> str:
-        res = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            # never echo the command line: it may hold the secret
-            raise StackError(f"`dvc {args[0]} {args[1]}` failed: {res.stderr.strip() or res.stdout.strip()}")
-        return res.stdout
-
-    remotes = {line.split()[0] for line in run("remote", "list").splitlines() if line.strip()}
-    if DVC_REMOTE not in remotes:
-        run("remote", "add", "--local", DVC_REMOTE, DVC_REMOTE_URL)
-    for option, value in (("endpointurl", env["SEGPIPE_S3_ENDPOINT"]),
-                          ("access_key_id", env["AWS_ACCESS_KEY_ID"]),
-                          ("secret_access_key", env["AWS_SECRET_ACCESS_KEY"])):
-        run("remote", "modify", "--local", DVC_REMOTE, option, value)
+    local_path = dvc_dir / "config.local"
+    try:
+        shared = _read_dvc_config(dvc_dir / "config")
+        local = _read_dvc_config(local_path)
+    except configparser.Error as e:
+        raise StackError(f"cannot read the DVC config in {dvc_dir} ({e.__class__.__name__}); fix the file, or "
+                         f"remove {local_path} and run `segpipe stack up` again") from None
+    section = _dvc_remote_section(local, DVC_REMOTE)
+    if section is None:
+        section = f"'remote \"{DVC_REMOTE}\"'"          # DVC's own spelling of a named section
+        local.add_section(section)
+    values = {"endpointurl": env["SEGPIPE_S3_ENDPOINT"], "access_key_id": env["AWS_ACCESS_KEY_ID"],
+              "secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+    shared_section = _dvc_remote_section(shared, DVC_REMOTE)
+    if not local.has_option(section, "url") and not (shared_section and shared.has_option(shared_section, "url")):
+        values["url"] = DVC_REMOTE_URL                 # `dvc remote add --local`: the project names no remote yet
+    for option, value in values.items():
+        local.set(section, option, _dvc_value(option, value))
+    buf = io.StringIO()
+    local.write(buf)
+    # the temp file goes to .dvc/tmp, which DVC's own .gitignore covers: one left by a kill is never committed
+    (dvc_dir / "tmp").mkdir(exist_ok=True)
+    _atomic_text(local_path, buf.getvalue(), mode=0o600, tmp_dir=dvc_dir / "tmp")
     return True
 
 

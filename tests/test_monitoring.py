@@ -76,8 +76,10 @@ def test_killed_run_is_crashed_and_notified(tmp_path):
         names = {a["name"] for a in requests.post(f"{api}/automations/filter", json={}, timeout=10).json()}
         assert {"segpipe: crash flow runs that stopped sending heartbeats",
                 "segpipe: notify on failed or crashed flow runs"} <= names
-        # the webhook URL is in the block, never in the automation's text
+        # the webhook URL is one of the block's secrets: neither the automations nor the block show it
         assert hook not in json.dumps(requests.post(f"{api}/automations/filter", json={}, timeout=10).json())
+        blocks = requests.post(f"{api}/block_documents/filter", json={}, timeout=10).json()
+        assert any(b["name"] == "segpipe-alerts" for b in blocks) and hook not in json.dumps(blocks)
 
         # a flow run as the stack's worker would start it: the worker's flow-run environment
         (tmp_path / "probe.py").write_text(FLOW)

@@ -137,6 +137,8 @@ def test_dvc_remote_credentials_only_in_config_local(running, project):
     local = (project / ".dvc" / "config.local").read_text()
     shared = (project / ".dvc" / "config").read_text()
     assert env["AWS_SECRET_ACCESS_KEY"] in local and env["SEGPIPE_S3_ENDPOINT"] in local
+    # written by the stack, not `dvc remote modify` (argv), and private like credentials.env
+    assert stat.S_IMODE((project / ".dvc" / "config.local").stat().st_mode) == 0o600
     assert env["AWS_SECRET_ACCESS_KEY"] not in shared and env["AWS_ACCESS_KEY_ID"] not in shared
     # and `dvc push` really reaches the stack's S3
     dvc = str(Path(sys.executable).parent / "dvc")

@@ -118,6 +118,114 @@ def assert_no_secrets(values: list[str], paths: list[Path], texts: list[str] = (
     return n
 
 
+@dataclass
+class StoredScan:
+    """What a scan of stored data read: `scanned` items (objects, or Prefect records), and what it left out."""
+    where: str
+    scanned: int = 0
+    n_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)     # "bucket/key (N bytes > max_bytes)": say so in the report
+
+    def summary(self) -> str:
+        left = f"; skipped {len(self.skipped)}: {', '.join(self.skipped[:5])}" if self.skipped else ""
+        return f"{self.where}: {self.scanned} items, {self.n_bytes:,} bytes scanned for credentials{left}"
+
+
+def _needles(values: list[str]) -> list[bytes]:
+    return [v.encode() for v in dict.fromkeys(values) if v and len(v) >= 8]
+
+
+def scan_s3_for_secrets(cfg: S3Config, values: list[str], *, buckets: list[str] | None = None,
+                        max_bytes: int | None = None, chunk: int = 1 << 20) -> StoredScan:
+    """No credential in any stored S3 object (body or user metadata), in every bucket (or `buckets`).
+
+    Bodies are streamed in `chunk`s with an overlap of the longest value, so a large checkpoint is read whole
+    without holding it in memory. `max_bytes` (None: no limit) skips larger objects, listed in `skipped`: a scan
+    that skipped something must say so. AssertionError names the bucket and key, never the value."""
+    needles = _needles(values)
+    client = cfg.client()
+    names = buckets if buckets is not None else [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+    scan = StoredScan(f"S3 {cfg.endpoint_url} ({', '.join(names)})")
+    overlap = max((len(n) for n in needles), default=1) - 1
+    for bucket in names:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                key, size = obj["Key"], obj["Size"]
+                if max_bytes is not None and size > max_bytes:
+                    scan.skipped.append(f"{bucket}/{key} ({size:,} bytes > {max_bytes:,})")
+                    continue
+                got = client.get_object(Bucket=bucket, Key=key)
+                meta = json.dumps(got.get("Metadata", {})).encode()
+                tail = b""
+                for part in [meta, *got["Body"].iter_chunks(chunk)]:
+                    window = tail + part
+                    for n in needles:
+                        assert n not in window, f"a credential leaked into s3://{bucket}/{key}"
+                    tail = window[-overlap:] if overlap else b""
+                    scan.n_bytes += len(part)
+                tail = b""
+                scan.scanned += 1
+    return scan
+
+
+def scan_prefect_for_secrets(api_url: str, values: list[str], page: int = 200) -> StoredScan:
+    """No credential in what the Prefect API shows: logs, artifacts, flow and task runs (names, parameters,
+    state messages), deployments (parameters, job variables), blocks as the API lists them (secret fields
+    masked: a credential in a plain field is a leak), variables, automations and work pools.
+
+    Read through the client (`get_client`), as the UI reads them. AssertionError names the record, never the value."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    needles = [n.decode() for n in _needles(values)]
+    scan = StoredScan(f"Prefect API {api_url}")
+
+    def check(what: str, record) -> None:
+        text = json.dumps(record.model_dump(mode="json") if hasattr(record, "model_dump") else record, default=str)
+        for n in needles:
+            assert n not in text, f"a credential leaked into Prefect {what} {getattr(record, 'id', '')}".rstrip()
+        scan.scanned += 1
+        scan.n_bytes += len(text)
+
+    def paged(read) -> list:
+        out, offset = [], 0
+        while True:
+            got = read(limit=page, offset=offset)
+            out += got
+            if len(got) < page:
+                return out
+            offset += page
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        sources = {
+            "log": paged(lambda **kw: client.read_logs(**kw)),
+            "artifact": paged(lambda **kw: client.read_artifacts(**kw)),
+            "flow run": paged(lambda **kw: client.read_flow_runs(**kw)),
+            "task run": paged(lambda **kw: client.read_task_runs(**kw)),
+            "deployment": paged(lambda **kw: client.read_deployments(**kw)),
+            "block document": paged(lambda **kw: client.read_block_documents(include_secrets=False, **kw)),
+            "variable": client.read_variables(),
+            "automation": client.read_automations(),
+            "work pool": client.read_work_pools(),
+        }
+        for what, records in sources.items():
+            for r in records:
+                check(what, r)
+    return scan
+
+
+def assert_nothing_stored_leaks(values: list[str], *, s3: S3Config | None = None, prefect_api: str | None = None,
+                                max_bytes: int | None = None) -> list[StoredScan]:
+    """The stored side of the secret scan: every S3 object and everything the Prefect API shows (see the two
+    scans); the summaries say what was read and skipped, for the fault report's details."""
+    scans = []
+    if s3 is not None:
+        scans.append(scan_s3_for_secrets(s3, values, max_bytes=max_bytes))
+    if prefect_api is not None:
+        scans.append(scan_prefect_for_secrets(prefect_api, values))
+    return scans
+
+
 TRAINED = re.compile(r"train (\S+): \d+ train / \d+ val images")
 REUSED = re.compile(r"train (\S+): unchanged inputs, params and code; reused")
 
