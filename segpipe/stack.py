@@ -4,7 +4,8 @@
 (own session, log file under `<home>/logs/`); its pid and start time go into `<home>/state.json`
 so `down` stops exactly the processes `up` started, never a stranger that reused a pid or a port.
 Credentials are generated once and kept in `<home>/credentials.env` (mode 0600); the worker and
-the leaderboard get them through their environment, SeaweedFS through a 0600 file, DVC through
+the leaderboard get them through their environment, SeaweedFS through 0600 files (its S3 identities; security.toml's
+JWT keys and gRPC certificates, which lock its internal ports to all but weed itself), DVC through
 .dvc/config.local (0600), the alert webhook's installer through its environment: secrets never
 pass through a command line (`ps` shows argv to every local user), Prefect parameters,
 params.yaml, logs or git.
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import requests
@@ -50,6 +52,18 @@ WEED_FLAGS = {"master": "-master.port", "volume": "-volume.port", "filer": "-fil
 # answers InternalError to every put once those fill; volumes are not preallocated, so name a ceiling far above any
 # disk and let the disk itself be the limit
 WEED_STORE_FLAGS = ("-master.volumeSizeLimitMB=1024", "-volume.max=1000")
+# security.toml's JWT keys: with them the volume server takes only master-signed writes and reads, and the filer's
+# HTTP API only requests the S3 gateway signed, so the internal ports no longer bypass the S3 credentials. weed reads
+# ./security.toml from its working directory first (then ~/.seaweedfs/, /etc/seaweedfs/), so the stack starts it in
+# the folder holding the file: its command line stays the one docker-compose.yml shares (the global -config_dir
+# flag would change it), and the keys stay out of the environment (WEED_JWT_* variables would work too, but would
+# have to live in credentials.env, which users source into every shell).
+WEED_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+# JWTs guard only the HTTP ports; the gRPC ones (each HTTP port + 10000) hand out write tokens to any caller
+# (`weed filer.copy` writes a file through them), so they take mutual TLS: one certificate for every component,
+# from a CA whose key is dropped after signing, so no other certificate can ever be issued for them
+WEED_GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "client")
+WEED_CERT_DAYS = 3650                 # renewed on the `up` that finds fewer than 30 days left
 BUCKETS = ("segpipe", "dvc")          # artifacts; the DVC remote (s3://dvc/segpipe)
 WORK_POOL = "segpipe"
 WORKER_LIMIT = 4                      # concurrent flow runs: a nightly run plus a manual one, with room
@@ -156,6 +170,82 @@ def _write_credentials(home: Path, ports: dict[str, int]) -> dict[str, str]:
     text += "".join(f"export {k}={v}\n" for k, v in env.items())
     _atomic_text(home / "credentials.env", text, mode=0o600)
     return env
+
+
+def _dig(tree: dict, dotted: str) -> dict:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _weed_tls(folder: Path) -> dict[str, Path]:
+    """A CA certificate and one client+server certificate for all of weed's gRPC, kept until 30 days before expiry."""
+    from datetime import datetime, timedelta, timezone     # cryptography comes with prefect; only `up` needs it
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(mode=0o700, exist_ok=True)
+    files = {"ca": folder / "ca.crt", "cert": folder / "weed.crt", "key": folder / "weed.key"}
+    now = datetime.now(timezone.utc)
+    if all(f.is_file() for f in files.values()):
+        cert = x509.load_pem_x509_certificate(files["cert"].read_bytes())
+        if cert.not_valid_after_utc - now > timedelta(days=30):
+            return files
+
+    def build(subject: str, issuer: str, public_key, days: int) -> x509.CertificateBuilder:
+        name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])   # noqa: E731
+        return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                .public_key(public_key).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days)))
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (build("segpipe-weed-ca", "segpipe-weed-ca", ca_key.public_key(), WEED_CERT_DAYS + 1)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (build("segpipe-weed", "segpipe-weed-ca", key.public_key(), WEED_CERT_DAYS)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    _atomic_text(files["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()).decode(), mode=0o600)
+    _atomic_text(files["cert"], cert.public_bytes(pem).decode(), mode=0o600)
+    _atomic_text(files["ca"], ca.public_bytes(pem).decode(), mode=0o600)
+    return files
+
+
+def write_weed_security(folder: Path) -> Path:
+    """`<folder>/security.toml` (0600 from birth): weed's JWT keys and admin UI password, generated once and kept
+    across `up`s, and its gRPC mTLS certificates (`<folder>/tls/`)."""
+    path = folder / "security.toml"
+    try:
+        old = tomllib.loads(path.read_text()) if path.is_file() else {}
+    except tomllib.TOMLDecodeError as e:
+        raise StackError(f"{path} is not valid TOML ({e}); delete it and run `segpipe stack up` again "
+                         "(fresh keys are harmless: weed's tokens live 10 seconds)") from None
+    text = "# written by `segpipe stack up`: SeaweedFS JWT keys, secrets, never commit\n"
+    for section in WEED_JWT_SECTIONS:
+        key = _dig(old, section).get("key") or secrets.token_hex(32)
+        text += f'\n[{section}]\nkey = "{key}"\n'
+    text += "\n[access]\nui = false\n"   # the volume server's status page: no UI on an internal port
+    # the admin UI (weed_admin port) browses and downloads every object through weed's own keys: a password, kept
+    password = _dig(old, "admin").get("password") or secrets.token_urlsafe(24)
+    text += f'\n[admin]\nuser = "segpipe"\npassword = "{password}"\n'
+    tls = _weed_tls(folder / "tls")
+    q = {k: json.dumps(str(v)) for k, v in tls.items()}   # a JSON string is a TOML basic string: the path quoted
+    text += f'\n[grpc]\nca = {q["ca"]}\n'
+    text += "".join(f'\n[grpc.{c}]\ncert = {q["cert"]}\nkey = {q["key"]}\n' for c in WEED_GRPC_COMPONENTS)
+    _atomic_text(path, text, mode=0o600)
+    return path
 
 
 def _s3_config(env: dict[str, str], bucket: str = "segpipe") -> S3Config:
@@ -321,8 +411,11 @@ def _start_s3(home: Path, ports: dict[str, int], env: dict[str, str], cwd: Path)
                                                  "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     _atomic_text(root / "s3.json", json.dumps(identity), mode=0o600)
+    write_weed_security(root)
     cmd = weed_command(_bin("weed"), root / "data", ports, s3_config=root / "s3.json")
-    rec = _spawn(home, "s3", cmd, dict(os.environ), cwd)
+    # cwd: weed reads ./security.toml; a WEED_* variable (WEED_JWT_SIGNING_KEY, ...) would override what it says
+    wenv = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
+    rec = _spawn(home, "s3", cmd, wenv, root)
     _wait("s3", rec, lambda: _port_open(ports["s3"]), START_TIMEOUT["s3"])
     return rec
 

@@ -76,8 +76,9 @@ def s3(tmp_path_factory) -> S3Config:
     ports = {"s3": free_port(), **{f"weed_{n}": free_port() for n in stack.WEED_INTERNAL}}
     cmd = stack.weed_command(_weed_binary(), root / "data", ports, s3_config=root / "s3.json")
     (root / "data").mkdir()
+    stack.write_weed_security(root)       # the stack's JWT keys and gRPC mTLS: S3 is tested as `stack up` runs it
     log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     try:
         _wait_port(ports["s3"])
         cfg = S3Config(f"http://127.0.0.1:{ports['s3']}", cfg.access_key, cfg.secret_key, cfg.bucket)

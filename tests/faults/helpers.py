@@ -40,7 +40,8 @@ class Weed:
         (root / "s3.json").write_text(json.dumps({"identities": [{"name": "segpipe", "credentials": [
             {"accessKey": self.cfg.access_key, "secretKey": self.cfg.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        from segpipe.stack import _bin
+        from segpipe.stack import _bin, write_weed_security
+        write_weed_security(root)         # the stack's JWT keys and gRPC mTLS, read from weed's cwd
         self.cmd = [_bin("weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                     f"-s3.port={base_port}", f"-s3.config={root / 's3.json'}",
                     *(f"{WEED_FLAGS[n]}={p}" for n, p in self.ports.items())]
@@ -51,7 +52,8 @@ class Weed:
 
     def start(self) -> None:
         log = open(self.root / "weed.log", "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.root)
         log.close()
         ensure_bucket(self.cfg, self.cfg.bucket, retry_seconds=90)
 
