@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import pipelines.split
-from flows import runners, tasks, warm
+from flows import runnames, runners, tasks, warm
 from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, public_score, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
@@ -51,18 +51,20 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     `profile` (e.g. quick) picks an entry of params.yaml's `profiles` for this run; empty: the file's own.
     """
     log = get_run_logger()
-    rid = run_name or run_id()
+    rid = runnames.check_run_name(run_name) if run_name else run_id()
     # absolute: a Ray worker's working directory is not the flow's (the nodes share the project path instead)
     run_dir = (Path("runs") / rid).absolute()
     prefix = f"runs/{rid}"
+    store = ArtifactStore(S3Config.from_env())
+    store.check()                                  # bad credentials fail here, before any work
+    # a name given by hand: one safe path component, and this flow run's alone (a retry of it keeps it)
+    runnames.claim(store, rid, str(flow_run.get_id() or rid))
     # a profile: the run's own copy of the params (the members' processes and the stage keys read the same file)
     params_file = str(with_profile(Path(params_file), profile, run_dir))
     p = load_all(Path(params_file))
     p["fanout"] = runners.with_overrides(p["fanout"], fanout)
     if p["fanout"].warm_start:
         warm.warm_up()          # torch, great-expectations: imported in the warm server while the flow starts
-    store = ArtifactStore(S3Config.from_env())
-    store.check()                                  # bad credentials fail here, before any work
     if submit:                                     # and a missing or refused leaderboard key
         tasks.check_leaderboard(p["submit"], p["ablation"], deployment.name)
     run_dir.mkdir(parents=True, exist_ok=True)
