@@ -35,7 +35,7 @@ def dvc_exp_show(repo: Path = Path(".")) -> list:
     """`dvc exp show --json` of the repository (the dvc next to this Python first: the project's pinned one)."""
     local = Path(sys.executable).parent / "dvc"
     dvc = str(local) if local.exists() else "dvc"
-    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
+    proc = subprocess.run([dvc, "--wait-for-lock", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{local.parent}:{os.environ.get('PATH', '')}"})
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc exp show --json` failed in {repo}: {proc.stderr.strip()[-2000:]}")

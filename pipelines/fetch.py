@@ -28,7 +28,9 @@ def dvc_binary() -> str:
 
 
 def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([dvc_binary(), *args], capture_output=True, text=True)
+    # --wait-for-lock: a second run (or a person's `dvc repro`) holding the repository lock is waited for, not
+    # failed on ("Unable to acquire lock"); DVC's own mechanism, so every dvc call of the chain goes through here
+    proc = subprocess.run([dvc_binary(), "--wait-for-lock", *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc

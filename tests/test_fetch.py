@@ -74,3 +74,27 @@ def test_the_generator_stage_is_reproduced_not_pulled(tmp_path, monkeypatch):
     assert fetch.producing_stage("data/raw") == "generate" and fetch.producing_stage("data/raw/train_all.json") \
         == "generate"
     assert fetch.producing_stage("data/other") is None
+
+
+def test_a_dvc_call_waits_for_the_lock_another_process_holds(project):
+    """A second dvc process holding the repository lock is waited for (dvc --wait-for-lock), not failed on."""
+    import threading
+    import time
+
+    import zc.lockfile
+
+    lock = zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))     # what a running dvc holds
+    held = 2.0
+    threading.Timer(held, lock.close).start()
+    t0 = time.monotonic()
+    res = fetch._dvc("status", "--json", check=False)
+    waited = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr          # without the wait: "Unable to acquire lock", exit 1
+    assert waited >= held * 0.9
+    # the same call while the lock is held, without the flag, fails: the wait is what made the difference
+    lock = zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))
+    try:
+        plain = subprocess.run([DVC, "status", "--json"], capture_output=True, text=True)
+        assert plain.returncode != 0 and "lock" in (plain.stderr + plain.stdout).lower()
+    finally:
+        lock.close()
