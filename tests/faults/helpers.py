@@ -62,19 +62,31 @@ class Weed:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+            assert self.proc.returncode == -signal.SIGKILL, f"weed ended with {self.proc.returncode}, not SIGKILL"
         deadline = time.monotonic() + 30        # the ports must be free again before a restart
         while time.monotonic() < deadline and _listening(self.s3_port):
             time.sleep(0.2)
 
-    def outage(self, seconds: float) -> threading.Thread:
-        """Stop now, start again after `seconds`, in the background."""
+    def down(self) -> bool:
+        """The store refuses connections now (what a client mid-request sees during the outage)."""
+        return (self.proc is None or self.proc.poll() is not None) and not _listening(self.s3_port)
+
+    def outage(self, seconds: float, during=None) -> threading.Thread:
+        """Stop now, start again after `seconds`, in the background. `during()`, if given, runs while the store is
+        down (before the restart is scheduled): it gathers the evidence that work was in flight at that moment."""
         self.stop()
+        t0 = time.monotonic()
 
         def later():
-            time.sleep(seconds)
+            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
             self.start()
         t = threading.Thread(target=later, daemon=True)
-        t.start()
+        try:
+            assert self.down(), f"SeaweedFS still answers on port {self.s3_port} after its SIGKILL"
+            if during is not None:
+                during()
+        finally:
+            t.start()                           # back up even when the evidence check fails: later tests need it
         return t
 
 
@@ -230,6 +242,20 @@ def assert_nothing_stored_leaks(values: list[str], *, s3: S3Config | None = None
 
 TRAINED = re.compile(r"train (\S+): \d+ train / \d+ val images")
 REUSED = re.compile(r"train (\S+): unchanged inputs, params and code; reused")
+
+
+EPOCH = re.compile(r"epoch (\d+)/\d+ loss")
+
+
+def epochs_run(text: str) -> list[int]:
+    """The epochs (1-based) a training process really ran, in order, from the engine's per-epoch log lines."""
+    return [int(e) for e in EPOCH.findall(text)]
+
+
+def assert_sigkilled(proc: subprocess.Popen, what: str = "the process") -> None:
+    """The kill landed: `proc` was alive just before and ended by signal 9 (not a clean exit, not another error)."""
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, f"{what} ended with {proc.returncode}, not SIGKILL: the fault missed"
 
 
 def trainings(text: str) -> list[str]:

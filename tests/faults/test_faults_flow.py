@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from segpipe.storage import ArtifactStore, S3Config
-from tests.faults.helpers import REPO, Row, TRAINED, assert_no_secrets, record, verify_prefix
+from tests.faults.helpers import REPO, Row, TRAINED, assert_no_secrets, assert_nothing_stored_leaks, record, verify_prefix
 from tests.tiny import copy_project, shrink_params
 
 
@@ -25,6 +25,14 @@ def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _stored_scan(values: list[str], weed_env: dict[str, str]) -> list[str]:
+    """The stored side of the secret scan: every object in this module's SeaweedFS and everything the test Prefect
+    server shows; the summaries go into the row's details."""
+    from prefect.settings import PREFECT_API_URL
+    scans = assert_nothing_stored_leaks(values, s3=S3Config.from_env(weed_env), prefect_api=PREFECT_API_URL.value())
+    return [sc.summary() for sc in scans]
 
 
 def _task_runs(state) -> dict[str, tuple[str, int]]:
@@ -96,6 +104,7 @@ def test_08_bad_or_missing_credentials_fail_at_start_up_before_any_work(prefect_
         assert ArtifactStore(S3Config.from_env(weed_env)).list(f"runs/{rid}/") == []
         assert_no_secrets([good_secret, wrong, KEYS["erin"]], [], [str(e.value), *_logs(state)])
         outcomes.append(f"{name}: failed in {took:.1f}s, 0 tasks ({type(e.value).__name__})")
+    outcomes += _stored_scan([good_secret, weed_env["AWS_ACCESS_KEY_ID"], wrong, KEYS["erin"]], weed_env)
     record(Row("8 bad / missing credentials (S3, leaderboard)", "short", len(cases),
                "failed at start-up with a message naming the variable to set; no task ran", "none (no work started)",
                "nothing", time.monotonic() - t0, outcomes))
@@ -154,11 +163,14 @@ def test_09_one_member_out_of_memory_fails_with_advice_and_the_others_finish(pre
     trained = [TRAINED.match(m).group(1) for m in logs if TRAINED.match(m)]
     assert sorted(trained) == ["huge-s0-f0", "small-s0-f0"]          # each trained once
     assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path / "train"], logs)
+    scans = _stored_scan([weed_env["AWS_SECRET_ACCESS_KEY"], weed_env["AWS_ACCESS_KEY_ID"]], weed_env)
     record(Row("9 one training task out of memory", "short", 1,
                "that member failed at once with TrainingOOM advice (lower train.batch_size, try 2 with "
                "train.grad_accum 2); the other finished and was stored; the flow failed naming the member",
-               "none (the OOM task is not retried)", "nothing", time.monotonic() - t0,
-               ["RLIMIT_AS 5 GiB on every training process; the OOM member has a 10x decoder (~6.2 GiB peak)"]))
+               f"none: trainings {sorted(trained)}, each member once; the OOM task ran "
+               f"{runs['train-huge-s0-f0'][1]} time(s) (not retried)", "nothing", time.monotonic() - t0,
+               ["RLIMIT_AS 5 GiB on every training process; the OOM member has a 10x decoder (~6.2 GiB peak)"]
+               + scans))
 
 
 def _break(root: Path, kind: str) -> None:
@@ -210,6 +222,7 @@ def test_10_bad_inputs_reach_no_stage_past_validation(prefect_server, project, w
         assert not [p for p in (project / "runs" / rid).rglob("*") if p.is_file() and p.name != "timings.jsonl"]
         assert store.list(f"runs/{rid}/") == []
         outcomes.append(f"{kind}: {' '.join(str(e.value).split())[:160]}")
+    outcomes += _stored_scan([weed_env["AWS_SECRET_ACCESS_KEY"], weed_env["AWS_ACCESS_KEY_ID"]], weed_env)
     record(Row("10 bad inputs", "short", len(kinds), "validate failed once per bad input, with a message naming the "
                "record; no task past validate ran, nothing written under the run's prefix", "none", "nothing",
                time.monotonic() - t0, outcomes))

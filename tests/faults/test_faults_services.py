@@ -21,7 +21,8 @@ from botocore.exceptions import ClientError
 from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.storage import ArtifactExistsError, ArtifactStore, S3Config, StorageError
 from tests.faults.conftest import train_cmd, train_params
-from tests.faults.helpers import (REPO, FaultProxy, Row, assert_no_secrets, record, trainings, verify_prefix)
+from tests.faults.helpers import (REPO, FaultProxy, Row, _listening, assert_no_secrets, assert_nothing_stored_leaks,
+                                  assert_sigkilled, epochs_run, record, trainings, verify_prefix)
 
 
 def _run(cmd, env, cwd) -> subprocess.CompletedProcess:
@@ -55,6 +56,8 @@ def test_05_corrupt_probability_file_in_s3_reruns_only_the_affected_task(tiny, t
     assert sorted(trainings("".join(logs))) == ["unet_r18-s0-f0", "unet_r18-s0-f1"]
     victim = next(k for k in store.list(f"results-{run}/") if "unet_r18-s0-f1/" in k and k.endswith("oof.npz"))
     _flip(store, victim)
+    with pytest.raises(StorageError, match="corrupt"):          # the stored bytes no longer match their sha256
+        store.get_bytes(victim)
     with pytest.raises(StorageError, match="corrupt"):
         verify_prefix(store, f"results-{run}")                  # the walk sees it too
     second = []
@@ -64,7 +67,8 @@ def test_05_corrupt_probability_file_in_s3_reruns_only_the_affected_task(tiny, t
         second.append(out.stdout + out.stderr)
     text = "".join(second)
     assert "is corrupt" in text and "training again" in text
-    assert trainings(text) == ["unet_r18-s0-f1"]                # only the affected member trained again
+    retrained = trainings(text)
+    assert retrained == ["unet_r18-s0-f1"]                      # only the affected member trained again
     assert "unet_r18-s0-f0: unchanged inputs, params and code; reused" in text
     verify_prefix(store, f"results-{run}")                      # the retrained member replaced the damaged copy
     for fold in (0, 1):
@@ -73,10 +77,13 @@ def test_05_corrupt_probability_file_in_s3_reruns_only_the_affected_task(tiny, t
         np.testing.assert_array_equal(a, b)                     # CPU: the rerun is bit-identical
 
     assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path], [text])
+    scans = assert_nothing_stored_leaks([weed_env["AWS_SECRET_ACCESS_KEY"], weed_env["AWS_ACCESS_KEY_ID"]],
+                                        s3=weed.cfg)
     record(Row("5 corrupt probability file in S3 (result cache)", "short", 1,
                "detected by sha256 on read; the affected member retrained, the other reused",
-               "1 of 2 members (the corrupt one)", "nothing", time.monotonic() - t0,
-               [f"flipped 16 bytes of {victim.split('/', 1)[1]}"]))
+               f"{len(retrained)} of 2 members ({', '.join(retrained)}, the corrupt one)", "nothing",
+               time.monotonic() - t0,
+               [f"flipped 16 bytes of {victim.split('/', 1)[1]}"] + [sc.summary() for sc in scans]))
 
 
 @pytest.mark.long
@@ -93,21 +100,27 @@ def test_05_corrupt_mirrored_checkpoint_is_discarded_never_resumed(tiny, tmp_pat
     while not [k for k in store.list(f"{prefix}/") if "/last-e" in k]:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its kill"
     proc.kill()
-    proc.wait()
-    ckpt = [k for k in store.list(f"{prefix}/") if "/last-e" in k][-1]
+    assert_sigkilled(proc, "the training process")
+    ckpt = sorted(k for k in store.list(f"{prefix}/") if "/last-e" in k)[-1]
     _flip(store, ckpt)
+    with pytest.raises(StorageError, match="corrupt"):          # the fault is in place before the rerun
+        store.get_bytes(ckpt)
     import shutil
     shutil.rmtree(tmp_path / "third")
     out = _run(train_cmd(params2, tiny, tmp_path / "third"), {**weed_env, CHECKPOINT_ENV: prefix}, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "is corrupt" in out.stderr and "discarding it" in out.stderr
     assert json.loads((tmp_path / "third" / "unet_r18-s0-f0" / "metrics.json").read_text())["resumed_from_epoch"] == 0
+    ran = epochs_run(out.stdout + out.stderr)
+    assert ran == [1, 2], ran                                   # all epochs, from the start
+    lost = int(ckpt.rsplit("-e", 1)[1].split(".")[0])
     assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path], [out.stderr])
     record(Row("5b corrupt mirrored checkpoint in S3", "long", 1,
                "detected by sha256 on restore, discarded, never resumed from; the task trained from epoch 0 and "
-               "finished", "the corrupt checkpoint's epoch", "nothing", time.monotonic() - t0,
-               ["flipped 16 bytes of a mirrored last-eNNNN.pt after a SIGKILL"]))
+               "finished", f"{lost} epoch(s) the corrupt checkpoint held (the rerun trained epochs {ran})", "nothing",
+               time.monotonic() - t0, [f"flipped 16 bytes of {ckpt.split('/', 1)[1]} after a SIGKILL (exit -9)"]))
 
 
 # ---------------------------------------------------------------------------------------------- 6 racing writers
@@ -173,7 +186,7 @@ def test_07_leaderboard_unreachable_slow_or_500_is_retried_without_a_duplicate_a
     data = DataParams(root="unused", classes=TRASH_CLASSES)
     direct = {who: LeaderboardClient(board["server"].url, CID, KEYS[who]) for who in KEYS}
     cases = {"down": "alice", "slow": "bob", "500": "carol"}
-    results = {}
+    results, details = {}, []
     for i, (fault, who) in enumerate(cases.items()):
         infer = tmp_path / fault / "infer"
         infer.mkdir(parents=True)
@@ -183,8 +196,10 @@ def test_07_leaderboard_unreachable_slow_or_500_is_retried_without_a_duplicate_a
         (infer / "test_index.json").write_text(json.dumps({"file_names": names}))
         params = SubmitParams(description=f"fault {fault}", base_url=proxy.url, competition_id=CID, wait_seconds=30,
                               poll_seconds=0.2, ledger=str(tmp_path / fault / "ledger.json"), allow_last_slot=True)
+        seen_before = proxy.count("presigned_url")
         if fault == "down":
             proxy.down()
+            assert not _listening(proxy.port), "the proxy still accepts connections while 'down'"
             threading.Timer(4.0, proxy.up).start()        # back after 4 s; the client's backoff is 1, 2, 4, 8 s
         elif fault == "slow":
             proxy.fault("presigned_url", "slow:3")         # the server acts, the answer comes 3 s late (after
@@ -197,12 +212,27 @@ def test_07_leaderboard_unreachable_slow_or_500_is_retried_without_a_duplicate_a
             stage.LeaderboardClient = ShortTimeout
         else:
             proxy.fault("presigned_url", 500, 2)
+        first_seen = len(proxy.seen)
+        t_submit = time.monotonic()
         try:
             res = submit(params, data, infer, tmp_path / fault / "out", key=KEYS[who], hyperparameters={},
                          run_name=f"fault-{fault}")
         finally:
             if fault == "slow":
                 stage.LeaderboardClient = orig
+        took = time.monotonic() - t_submit
+        asked = proxy.count("presigned_url") - seen_before
+        # the fault was met: the client waited out the refusal, or the injected answers were all served
+        if fault == "down":          # refused until the proxy came back 4 s in (backoff 1 + 2 s), then answered
+            assert took >= 3.0 and len(proxy.seen) > first_seen, f"{took:.1f}s: it never met the refused connection"
+        else:
+            assert all(r[2] == 0 for r in proxy.rules), f"{fault}: injected answers left unused: {proxy.rules}"
+            if fault == "slow":      # the late answer outlived the client's 1.5 s timeout
+                assert took >= 1.5 and asked >= 1, (took, asked)
+            else:                    # two 500s, then the answer
+                assert asked >= 3, f"{fault}: {asked} presigned_url requests"
+        proxy.rules.clear()
+        details.append(f"{fault}: {took:.1f}s, {asked} presigned_url request(s) through the proxy")
         results[fault] = res
         assert res.status == "scored", res
         subs = direct[who].submissions()
@@ -212,7 +242,6 @@ def test_07_leaderboard_unreachable_slow_or_500_is_retried_without_a_duplicate_a
         again = submit(params, data, infer, tmp_path / fault / "out2", key=KEYS[who], hyperparameters={})
         assert again.reused and again.submission_id == res.submission_id
         assert direct[who].limits().used_today == 1
-    assert proxy.count("presigned_url") >= 4                # 2 x 500 + the answer, the slow one and its retry
 
     before = proxy.count("limits")
     with pytest.raises(LeaderboardAuthError, match="401"):
@@ -228,6 +257,6 @@ def test_07_leaderboard_unreachable_slow_or_500_is_retried_without_a_duplicate_a
                "each file scored as exactly one submission (one slot); a rerun reused it; 401 and 429 asked once",
                "none", "nothing", time.monotonic() - t0,
                ["unreachable 4 s (connection refused)", "answer 3 s late after the server acted (client timeout "
-                "1.5 s)", "two 500s"]))
+                "1.5 s)", "two 500s"] + details))
 
 

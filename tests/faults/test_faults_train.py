@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,8 @@ import torch
 from pipelines.train import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.storage import ArtifactStore
 from tests.faults.conftest import train_cmd, train_params
-from tests.faults.helpers import REPO, Row, assert_no_secrets, no_temp_leftovers, record, trainings, verify_prefix
+from tests.faults.helpers import (REPO, Row, assert_no_secrets, assert_nothing_stored_leaks, assert_sigkilled,
+                                  epochs_run, no_temp_leftovers, record, trainings, verify_prefix)
 
 SEED = int(os.environ.get("SEGPIPE_FAULT_SEED") or time.time()) % 100000
 MEMBER = "unet_r18-s0-f0"
@@ -51,6 +53,15 @@ def _same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], msg=f"{k} differs between {a} and {b}")
 
 
+RESUMED = re.compile(r"resuming from \S+ at epoch (\d+)")
+
+
+def _resumed_at(text: str) -> int:
+    """The 1-based epoch a training process started at: after the restored checkpoint, else 1."""
+    m = RESUMED.search(text)
+    return int(m.group(1)) if m else 1
+
+
 def _mirrored_epochs(store: ArtifactStore, prefix: str) -> list[int]:
     return sorted(int(k.rsplit("-e", 1)[1].split(".")[0]) for k in store.list(f"{prefix}/") if "/last-e" in k)
 
@@ -70,45 +81,60 @@ def test_01_training_sigkilled_at_random_points_ends_with_the_undisturbed_weight
 
     prefix = f"ckpt-{uuid.uuid4().hex[:8]}"
     env = {**weed_env, CHECKPOINT_ENV: prefix}
-    logs, redone, details = [], 0, []
-    for k in range(kills):
+    logs, details, per_kill, scale, attempt = [], [], [], 1.0, 0
+    mirrored_prev = 0                                          # what the next attempt must resume after
+    while len(per_kill) < kills:
+        attempt += 1
+        assert attempt <= 3 * kills, f"only {len(per_kill)} of {kills} kills landed mid-training: {details}"
         # each attempt spends its first ~10 s importing; later attempts have less left to do: kill early enough
-        at = rng.uniform(0.1, 0.55) * ref_s
-        proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "run"), env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        at = rng.uniform(0.1, 0.55) * ref_s * scale
+        log_path = tmp_path / f"attempt{attempt}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "run"), env=env, cwd=tmp_path,
+                                    stdout=log_file, stderr=subprocess.STDOUT, text=True)
         time.sleep(at)
-        if proc.poll() is not None:
-            logs.append(proc.stdout.read())
-            details.append(f"kill {k + 1} at {at:.1f}s came after the run finished")
-            break
-        before = _mirrored_epochs(store, prefix)
-        proc.send_signal(signal.SIGKILL)
-        logs.append(proc.communicate()[0])
-        after = _mirrored_epochs(store, prefix)
-        if (tmp_path / "run" / MEMBER / "metrics.json").is_file():    # killed after its atomic publish: finished
-            details.append(f"kill {k + 1} at {at:.1f}s came after the output was published")
-            break
+        finished = proc.poll() is not None
+        if not finished:
+            proc.send_signal(signal.SIGKILL)
+            assert_sigkilled(proc, f"attempt {attempt}")
+        text = log_path.read_text()
+        logs.append(text)
+        assert not finished or proc.returncode == 0, text[-3000:]  # a run that ended on its own must have succeeded
+        ran = epochs_run(text)
+        if ran:                                                # resumed exactly after the newest mirrored epoch
+            assert ran[0] == mirrored_prev + 1 == _resumed_at(text), (attempt, mirrored_prev, ran)
+        if finished or (tmp_path / "run" / MEMBER / "metrics.json").is_file():
+            # not a trial: the run was done (or published) before its kill; start over and kill earlier
+            details.append(f"attempt {attempt}: finished before its kill at {at:.1f}s, not counted; next kill earlier")
+            scale *= 0.5
+            for k in store.list(f"{prefix}/"):
+                store.delete(k)
+            mirrored_prev = 0
+            shutil.rmtree(tmp_path / "run", ignore_errors=True)
+            continue
         assert not (tmp_path / "run" / MEMBER).exists(), "a killed run left a half-published output"
-        shutil.rmtree(tmp_path / "run", ignore_errors=True)              # the machine is lost with its disk
-        done = max(after, default=0)
-        details.append(f"kill {k + 1} at {at:.1f}s, {done} epoch(s) mirrored")
-        # the next attempt must restore exactly the newest mirrored epoch: nothing finished is lost
-        redone += 1 if before == after else 0
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)    # the machine is lost with its disk
+        mirrored = max(_mirrored_epochs(store, prefix), default=0)
+        lost = [e for e in ran if e > mirrored]                 # finished epochs the store did not get: redone
+        assert len(lost) <= 1, f"kill {len(per_kill) + 1}: epochs {lost} finished but not mirrored"
+        per_kill.append(len(lost))
+        details.append(f"kill {len(per_kill)} at {at:.1f}s (exit -9): epochs run {ran}, {mirrored} mirrored, "
+                       f"{len(lost)} finished epoch(s) to redo besides the one in flight")
+        mirrored_prev = mirrored
     final = _run(train_cmd(params, tiny, tmp_path / "run"), env, tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
-    logs.append(final.stdout + final.stderr)
+    text = final.stdout + final.stderr
+    logs.append(text)
     metrics = json.loads((tmp_path / "run" / MEMBER / "metrics.json").read_text())
-    mirrored = max((int(d.split(", ")[1].split()[0]) for d in details if "mirrored" in d), default=0)
-    if details and "mirrored" in details[-1]:
-        assert metrics["resumed_from_epoch"] == int(details[-1].split(", ")[1].split()[0]), details
+    assert metrics["resumed_from_epoch"] == mirrored_prev, (metrics, details)
+    assert epochs_run(text) == list(range(mirrored_prev + 1, 3)), epochs_run(text)
     _same_weights(ref_best, tmp_path / "run" / MEMBER / "best.pt")
     assert store.list(f"{prefix}/") == []                             # resume state cleared once finished
     assert not no_temp_leftovers(tmp_path / "run")
     assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"], weed_env["AWS_ACCESS_KEY_ID"]], [tmp_path / "run"], logs)
-    effective = sum("epoch(s) mirrored" in d for d in details)
-    redo = (f"at most the epoch in flight and the one still being pushed, per kill (last resume from epoch "
-            f"{metrics['resumed_from_epoch']}, {mirrored} max mirrored)")
-    record(Row("1 SIGKILL training process at random points", "long" if kills > 1 else "short", effective,
+    redo = (f"{sum(per_kill)} finished epoch(s) redone over {kills} kills (per kill {per_kill}, at most 1: the one "
+            f"still being pushed) besides each epoch in flight; last resume from epoch {metrics['resumed_from_epoch']}")
+    record(Row("1 SIGKILL training process at random points", "long" if kills > 1 else "short", len(per_kill),
                "completed; best.pt identical to the undisturbed run", redo, "nothing",
                time.monotonic() - t0, [f"seed {SEED}"] + details))
 
@@ -129,8 +155,12 @@ def test_01_killed_after_the_last_epoch_with_the_disk_lost_still_has_its_best_we
     while 2 not in _mirrored_epochs(store, prefix):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the last checkpoint"
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its kill: not a trial of this fault"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert_sigkilled(proc, "the training process")
+    # the last push runs beside the OOF pass, so the kill may land before or after the local publish; either way the
+    # disk is lost with it. It is a trial only if the process had not finished: its resume state is still stored
+    assert 2 in _mirrored_epochs(store, prefix), "the run cleared its resume state before the kill: it had finished"
     published = (tmp_path / "run" / MEMBER / "metrics.json").is_file()
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     retry = _run(train_cmd(params, tiny, tmp_path / "run"), env, tmp_path)
@@ -138,11 +168,15 @@ def test_01_killed_after_the_last_epoch_with_the_disk_lost_still_has_its_best_we
     assert "restored" in retry.stderr
     m = json.loads((tmp_path / "run" / MEMBER / "metrics.json").read_text())
     assert m["resumed_from_epoch"] == 2 and m["best_epoch"] >= 0
+    retrained = epochs_run(retry.stdout + retry.stderr)
+    assert retrained == [], f"epochs {retrained} trained again after the last checkpoint was mirrored"
     _same_weights(reference[0], tmp_path / "run" / MEMBER / "best.pt")
     record(Row("1b SIGKILL after the last epoch's checkpoint, disk lost", "short", 1,
                "completed; best.pt restored from the store, identical to the undisturbed run",
-               "no epoch retrained (resumed at epoch 2 of 2); the OOF pass redone", "nothing",
-               time.monotonic() - t0, ["killed before publishing" if not published else "killed after publishing"]))
+               f"{len(retrained)} epochs retrained (resumed at epoch {m['resumed_from_epoch']} of 2); the OOF pass "
+               "redone", "nothing", time.monotonic() - t0,
+               [f"SIGKILL (exit -9) after epoch 2 was mirrored, {'after' if published else 'before'} the local "
+                "publish, before the resume state was cleared"]))
 
 
 @pytest.mark.parametrize("outage", [pytest.param(8, id="short"), pytest.param(60, marks=pytest.mark.long, id="long")])
@@ -156,18 +190,29 @@ def test_02_s3_stopped_during_training_and_upload(tiny, tmp_path, weed, weed_env
     store = ArtifactStore(weed.cfg)
 
     # (a) during training: stop the store as soon as the first checkpoint is mirrored
-    proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "out"), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(train_cmd(params, tiny, tmp_path / "out"), env=env, cwd=tmp_path, stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not _mirrored_epochs(store, f"ckpt-{run}"):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint mirrored"
         time.sleep(0.2)
+    seen: dict = {}
+
+    def training_in_flight():
+        # the store refuses connections (Weed.outage checked) while the process is alive and not yet finished
+        seen["alive"], seen["log"] = proc.poll() is None, log_path.read_text()
     down_at = time.monotonic()
-    weed.outage(outage).join()
-    log = proc.communicate(timeout=900)[0]
+    weed.outage(outage, during=training_in_flight).join()
+    assert seen["alive"] and "best val mIoU" not in seen["log"], "the training was over before the store went down"
+    proc.wait(900)
+    log = log_path.read_text()
     assert proc.returncode == 0, log[-3000:]
     assert time.monotonic() - down_at >= outage
-    assert "retry" in log and "SEGPIPE_S3_RETRY_SECONDS" in log        # it waited, saying which knob bounds it
+    retries = [ln for ln in log.splitlines() if "retry" in ln and "SEGPIPE_S3_RETRY_SECONDS" in ln]
+    assert retries, log[-3000:]                          # it hit the outage and waited, naming the knob that bounds it
+    assert trainings(log) == [MEMBER] and epochs_run(log) == [1, 2], log[-3000:]     # nothing retrained
     keys = verify_prefix(store, f"results-{run}")
     assert any(k.endswith("/DONE") for k in keys) and any(k.endswith("/best.pt") for k in keys)
 
@@ -187,9 +232,13 @@ def test_02_s3_stopped_during_training_and_upload(tiny, tmp_path, weed, weed_env
     import threading
     th = threading.Thread(target=upload)
     th.start()
-    while len(store.list(f"runs/{run}/infer/")) < 3:
+    while len(stored_before := store.list(f"runs/{run}/infer/")) < 3:
         time.sleep(0.05)
-    weed.outage(outage).join()
+
+    def upload_in_flight():
+        seen["uploading"] = th.is_alive() and "keys" not in result and "error" not in result
+    weed.outage(outage, during=upload_in_flight).join()
+    assert seen["uploading"] and len(stored_before) < 12, "the upload was over before the store went down"
     th.join(600)
     assert "error" not in result, result.get("error")
     keys = verify_prefix(store, f"runs/{run}/infer")
@@ -198,10 +247,15 @@ def test_02_s3_stopped_during_training_and_upload(tiny, tmp_path, weed, weed_env
         assert store.get_bytes(f"runs/{run}/infer/part{i:02d}/probs.npy") == \
             (up_dir / f"part{i:02d}" / "probs.npy").read_bytes()
     assert_no_secrets([weed_env["AWS_SECRET_ACCESS_KEY"]], [tmp_path / "out"], [log])
+    scans = assert_nothing_stored_leaks([weed_env["AWS_SECRET_ACCESS_KEY"], weed_env["AWS_ACCESS_KEY_ID"]],
+                                        s3=weed.cfg)
     record(Row("2 S3 stopped during training and during upload", "long" if outage > 10 else "short", 2,
                f"completed after a {outage}s outage each time; every object verified",
-               f"none: {len(trainings(log))} training, the upload resumed file by file", "nothing",
-               time.monotonic() - t0, [f"outage {outage}s (SIGKILL of weed, restarted on the same data dir)"]))
+               f"none: {len(trainings(log))} training, epochs {epochs_run(log)} each once; the upload had "
+               f"{len(stored_before)} of 12 files stored at the outage and finished the rest", "nothing",
+               time.monotonic() - t0,
+               [f"outage {outage}s (SIGKILL of weed, port refused, restarted on the same data dir)",
+                f"{len(retries)} retry log line(s) during training"] + [sc.summary() for sc in scans]))
 
 
 def test_04_disk_full_during_a_checkpoint_write(tiny, tmp_path, weed_env):
@@ -227,6 +281,8 @@ while [ ! -f '{resume}/{MEMBER}/last.pt' ]; do kill -0 $pid 2>/dev/null || break
 # full: whatever is left now is taken by one file, so the next checkpoint write hits ENOSPC
 fallocate -l $(( $(stat -f -c '%a*%S' '{resume}') - 4096 )) '{resume}/filler' 2>/dev/null \
   || dd if=/dev/zero of='{resume}/filler' bs=64k 2>/dev/null
+echo "alive=$(kill -0 $pid 2>/dev/null && echo 1 || echo 0) free=$(( $(stat -f -c '%a*%S' '{resume}') ))" \
+  > '{tmp_path}/fill.txt'
 wait $pid; echo "rc=$?" >> '{tmp_path}/train.log'
 rm -f '{resume}/filler'
 mkdir -p '{keep}' && cp -a '{resume}/{MEMBER}/.' '{keep}/'
@@ -235,6 +291,8 @@ mkdir -p '{keep}' && cp -a '{resume}/{MEMBER}/.' '{keep}/'
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     log = (tmp_path / "train.log").read_text()
     assert out.returncode == 0, out.stderr + log[-3000:]
+    fill = dict(kv.split("=") for kv in (tmp_path / "fill.txt").read_text().split())
+    assert fill["alive"] == "1" and int(fill["free"]) < 1 << 20, fill    # full while the training was running
     assert "rc=1" in log, log[-3000:]                       # failed, not killed by a signal, not "finished"
     assert "No space left" in log and "disk" in log.lower(), log[-2000:]
     assert "Traceback" not in log, log[-3000:]               # one clear message, not a traceback wall
@@ -250,7 +308,11 @@ mkdir -p '{keep}' && cp -a '{resume}/{MEMBER}/.' '{keep}/'
     assert retry.returncode == 0, retry.stderr[-3000:]
     m = json.loads((tmp_path / "out" / MEMBER / "metrics.json").read_text())
     assert m["resumed_from_epoch"] == 1
+    redone = epochs_run(retry.stdout + retry.stderr)
+    assert redone == [2], redone                             # only the epoch whose checkpoint hit ENOSPC
     record(Row("4 disk full during a checkpoint write", "short", 1,
                "failed with `No space left on device` naming the checkpoint; epoch-1 checkpoint intact",
-               "the retry resumed from epoch 1: only the epoch in flight redone", "nothing", time.monotonic() - t0,
-               ["a 400 MB tmpfs in a user+mount namespace (unshare -rm), filled with fallocate after epoch 1"]))
+               f"the retry resumed from epoch {m['resumed_from_epoch']} and trained epoch(s) {redone}: only the "
+               "epoch in flight redone", "nothing", time.monotonic() - t0,
+               ["a 400 MB tmpfs in a user+mount namespace (unshare -rm), filled with fallocate after epoch 1 "
+                f"({int(fill['free']):,} bytes free while training)"]))
