@@ -320,8 +320,11 @@ def check_run(layout: str, out: str, project: Path, ds: Dataset, tracked: dict, 
     summary = json.loads(summary_path.read_text())
     assert summary["data_version"] == tracked["outs"][0]["md5"].removesuffix(".dir")[:12]
     assert summary["submit_status"] == "submitted", summary
-    stored = s3.client().get_object(Bucket=BOARD_BUCKET,
-                                    Key=f"app/Competitions/{CID:06d}/Users/00000001/Submissions/0001/output.csv")
+    # the newest object of the user: the layouts share the bucket, and the server never hands out a key that
+    # already holds an object (the earlier case's file stays at 0001)
+    folder = f"app/Competitions/{CID:06d}/Users/00000001/Submissions/"
+    keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=BOARD_BUCKET, Prefix=folder).get("Contents", []))
+    stored = s3.client().get_object(Bucket=BOARD_BUCKET, Key=keys[-1])
     assert stored["Body"].read() == (summary_path.parent / "submit" / "submission.csv").read_bytes()
     deadline = time.monotonic() + 30            # the stand-in scores it against the photos' own labels
     while "<td>scored</td>" not in (page := requests.get(f"{board.url}/", timeout=10).text):
