@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -217,19 +218,26 @@ def test_02_s3_stopped_during_training_and_upload(tiny, tmp_path, weed, weed_env
     assert any(k.endswith("/DONE") for k in keys) and any(k.endswith("/best.pt") for k in keys)
 
     # (b) during an upload: a stage's outputs (several MB) stored while the store goes away mid-way
-    from segpipe.storage import ArtifactStore as Store
     up_dir = tmp_path / "stage"
     for i in range(12):
         (up_dir / f"part{i:02d}").mkdir(parents=True, exist_ok=True)
         (up_dir / f"part{i:02d}" / "probs.npy").write_bytes(os.urandom(2 << 20))
     result: dict = {}
+    # 12 x 2 MB over loopback can finish before a SIGKILL lands; the parts after the third wait at a gate that
+    # opens once the store is down, so the outage falls inside the upload on any machine (the retries are real)
+    gate = threading.Event()
+
+    class GatedStore(ArtifactStore):
+        def put_file(self, path, key, **kw):
+            if Path(path).parent.name >= "part03":
+                gate.wait(300)
+            return super().put_file(path, key, **kw)
 
     def upload():
         try:
-            result["keys"] = Store(weed.cfg, retry_seconds=outage + 60).upload_dir(up_dir, f"runs/{run}/infer")
+            result["keys"] = GatedStore(weed.cfg, retry_seconds=outage + 60).upload_dir(up_dir, f"runs/{run}/infer")
         except Exception as e:          # noqa: BLE001 - reported below
             result["error"] = e
-    import threading
     th = threading.Thread(target=upload)
     th.start()
     while len(stored_before := store.list(f"runs/{run}/infer/")) < 3:
@@ -237,7 +245,11 @@ def test_02_s3_stopped_during_training_and_upload(tiny, tmp_path, weed, weed_env
 
     def upload_in_flight():
         seen["uploading"] = th.is_alive() and "keys" not in result and "error" not in result
-    weed.outage(outage, during=upload_in_flight).join()
+        gate.set()                      # the held parts now meet the dead store
+    try:
+        weed.outage(outage, during=upload_in_flight).join()
+    finally:
+        gate.set()
     assert seen["uploading"] and len(stored_before) < 12, "the upload was over before the store went down"
     th.join(600)
     assert "error" not in result, result.get("error")
