@@ -13,13 +13,11 @@ experiment's profile is its `profile` param, its setting what else it changed ag
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipelines.common import parser, run_main, write_json
+from pipelines.dvccli import run_dvc
 from segpipe.compare import GainReport, gain_markdown, gain_report, setting_label, setting_of
 from segpipe.config import CompareParams, parse_section, read_params
 
@@ -32,11 +30,8 @@ class CompareResult:
 
 
 def dvc_exp_show(repo: Path = Path(".")) -> list:
-    """`dvc exp show --json` of the repository (the dvc next to this Python first: the project's pinned one)."""
-    local = Path(sys.executable).parent / "dvc"
-    dvc = str(local) if local.exists() else "dvc"
-    proc = subprocess.run([dvc, "--wait-for-lock", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{local.parent}:{os.environ.get('PATH', '')}"})
+    """`dvc exp show --json` of the repository (the project's pinned dvc; waits, within a bound, for its lock)."""
+    proc = run_dvc("exp", "show", "--json", cwd=repo, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc exp show --json` failed in {repo}: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)

@@ -5,35 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from pipelines.common import parser, run_main
+from pipelines.dvccli import run_dvc
 from segpipe.config import DataParams, load_params
 
 log = logging.getLogger(__name__)
 
 
-def dvc_binary() -> str:
-    """The `dvc` installed beside this interpreter (the project's pinned one), else the one on PATH."""
-    local = Path(sys.executable).parent / "dvc"
-    found = str(local) if local.exists() else shutil.which("dvc")
-    if not found:
-        raise FileNotFoundError(f"`dvc` not found next to {sys.executable} or on PATH: run `make setup`")
-    return found
-
-
 def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # --wait-for-lock: a second run (or a person's `dvc repro`) holding the repository lock is waited for, not
-    # failed on ("Unable to acquire lock"); DVC's own mechanism, so every dvc call of the chain goes through here
-    proc = subprocess.run([dvc_binary(), "--wait-for-lock", *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+    # every dvc call of the chain goes through here: a lock held by another run is waited for, within a bound
+    return run_dvc(*args, check=check)
 
 
 def producing_stage(root: str) -> str | None:

@@ -76,25 +76,34 @@ def test_the_generator_stage_is_reproduced_not_pulled(tmp_path, monkeypatch):
     assert fetch.producing_stage("data/other") is None
 
 
-def test_a_dvc_call_waits_for_the_lock_another_process_holds(project):
-    """A second dvc process holding the repository lock is waited for (dvc --wait-for-lock), not failed on."""
+def test_a_dvc_call_waits_for_the_lock_another_process_holds_within_a_bound(project, monkeypatch):
+    """A second dvc process holding the repository lock is waited for, not failed on; past the bound
+    (SEGPIPE_DVC_LOCK_WAIT_SECONDS) the call fails naming the lock and the knob instead of hanging a nightly run."""
     import threading
     import time
 
     import zc.lockfile
 
+    from pipelines.dvccli import LOCK_WAIT_ENV
+
     lock = zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))     # what a running dvc holds
-    held = 2.0
+    held = 6.0                                                             # past dvc's own ~3 s of tries
     threading.Timer(held, lock.close).start()
     t0 = time.monotonic()
     res = fetch._dvc("status", "--json", check=False)
     waited = time.monotonic() - t0
-    assert res.returncode == 0, res.stderr          # without the wait: "Unable to acquire lock", exit 1
+    assert res.returncode == 0, res.stderr
     assert waited >= held * 0.9
-    # the same call while the lock is held, without the flag, fails: the wait is what made the difference
+    # the same call while the lock is held, without the wait, fails: the wait is what made the difference
     lock = zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))
     try:
         plain = subprocess.run([DVC, "status", "--json"], capture_output=True, text=True)
-        assert plain.returncode != 0 and "lock" in (plain.stderr + plain.stdout).lower()
+        assert plain.returncode != 0 and "Unable to acquire lock" in plain.stderr + plain.stdout
+        # a holder that never lets go: the bounded wait gives up, naming the lock and the knob
+        monkeypatch.setenv(LOCK_WAIT_ENV, "4")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"\.dvc/tmp/lock.*{LOCK_WAIT_ENV}"):
+            fetch._dvc("status", "--json")
+        assert 4 <= time.monotonic() - t0 < 60
     finally:
         lock.close()
