@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from segpipe import stack
 from segpipe.storage import StorageError
@@ -23,11 +24,16 @@ def _parser() -> argparse.ArgumentParser:
                           ("status", "show each service, its state, URL and pid"),
                           ("credentials", "write <home>/credentials.env without starting anything (docker compose)"),
                           ("dvc-remote", "point the DVC remote at $SEGPIPE_S3_ENDPOINT with the environment's "
-                                         "credentials (a container's worker)")):
+                                         "credentials (a container's worker)"),
+                          ("weed-security", "write SeaweedFS's security.toml (JWT keys, gRPC mTLS, admin password) "
+                                            "into --dir, as `up` does for its own weed (a container's store)")):
         a = st_sub.add_parser(action, help=help_, epilog=(
             f"Failed or crashed flow runs are posted to ${stack.ALERT_WEBHOOK_ENV} when it is set: a URL, read from "
             "the environment only, never the command line." if action == "up" else None))
         a.add_argument("--home", help="stack home (default: $SEGPIPE_HOME or ./.segpipe)")
+        if action == "weed-security":
+            a.add_argument("--dir", required=True, type=Path,
+                           help="where weed will look for it: its working directory or $HOME/.seaweedfs")
         if action == "up":
             a.add_argument("--only", help=f"comma-separated subset of {','.join(stack.SERVICES)}")
             a.add_argument("--no-leaderboard", action="store_true", help="start everything but the leaderboard")
@@ -101,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "dvc-remote":
             stack.configure_dvc_from_env()
             print(f"dvc remote {stack.DVC_REMOTE}: {os.environ['SEGPIPE_S3_ENDPOINT']}")
+        elif args.action == "weed-security":
+            args.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            print(f"weed security: {stack.write_weed_security(args.dir)}")
         elif args.action == "down":
             stopped = stack.down(args.home)
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

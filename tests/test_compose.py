@@ -78,11 +78,29 @@ def test_every_service_is_the_stacks_service(compose):
             assert (Path(sys.executable).parent / argv[0]).exists(), f"{name}: {argv[0]} is not in the venv"
 
 
-def test_s3_runs_weed_mini_with_the_stacks_flags(compose, ports):
-    cmd = compose["services"]["s3"]["command"]
+def test_s3_runs_weed_mini_with_the_stacks_flags_and_security(compose, ports):
+    svc = compose["services"]["s3"]
+    security, cmd = commands(svc)
     # inside the container it binds every interface; its internal services still talk over loopback
     assert cmd[:-1] == stack.weed_command("weed", HOME / "s3", ports, ip="127.0.0.1", bind="0.0.0.0")
     assert cmd[-1] == f"-bucket={','.join(stack.BUCKETS)}"      # the buckets `up` makes (ensure_bucket)
+    # and, as `up`, a security.toml first, where weed looks for one ($HOME/.seaweedfs: no ./security.toml there)
+    assert security[:3] == ["segpipe", "stack", "weed-security"]
+    folder = Path(security[security.index("--dir") + 1])
+    assert folder == Path(svc["environment"]["HOME"]) / ".seaweedfs"
+
+
+def test_weed_security_command_writes_the_stacks_security_toml(tmp_path):
+    import tomllib
+    folder = tmp_path / "home" / ".seaweedfs"
+    out = subprocess.run([*SEGPIPE, "stack", "weed-security", "--dir", str(folder)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path = folder / "security.toml"
+    assert path.stat().st_mode & 0o777 == 0o600 and folder.stat().st_mode & 0o777 == 0o700
+    conf = tomllib.loads(path.read_text())
+    assert len(conf["jwt"]["signing"]["key"]) == 64 and conf["jwt"]["filer_signing"]["key"]
+    assert conf["grpc"]["ca"] and Path(conf["grpc"]["ca"]).is_file() and conf["admin"]["password"]
+    assert conf["jwt"]["signing"]["key"] not in out.stdout + out.stderr            # the path is printed, no key
 
 
 def test_prefect_server_and_worker_match_the_stack(compose, ports):
