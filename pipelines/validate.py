@@ -39,7 +39,10 @@ def _mask_job(k: int) -> tuple[np.ndarray, int, int]:
     if res.layout == "coco":
         mask, overlap = rasterize(res.coco, row["image_id"], res.cmap, data.overlap, data.ignore_index,
                                   res.skip_annotations, with_overlap=True)
-        cv2.imwrite(str(dst), mask)   # OpenCV 5's default PNG settings: 5x faster than level 1 here, and smaller
+        # OpenCV 5's default PNG settings: 5x faster than level 1 here, and smaller. imwrite answers False, not
+        # an exception, when it cannot write (full disk, unwritable folder): a mask must never go missing quietly
+        if not cv2.imwrite(str(dst), mask):
+            raise OSError(f"could not write the mask of {row['file_name']} to {dst} (disk full or not writable?)")
     else:
         src = res.root / row["mask_src"]
         mask, overlap = cv2.imread(str(src), cv2.IMREAD_UNCHANGED), 0

@@ -285,3 +285,13 @@ def test_mask_png_layout_valid_and_corrupt(tmp_path):
     with pytest.raises(LayoutError, match=r"image\(s\) without a mask \['1'\]"):
         validate_dataset(data, PARAMS)
     assert issubclass(LayoutError, DataError)
+
+
+def test_a_mask_that_cannot_be_written_fails_the_stage_naming_it(data, tmp_path, monkeypatch):
+    """cv2.imwrite answers False instead of raising (full disk, unwritable folder): the stage must fail, naming the
+    image, and publish nothing, never an index pointing at a missing mask."""
+    monkeypatch.setattr(stage.cv2, "imwrite", lambda *a, **k: False)
+    out = tmp_path / "validate"
+    with pytest.raises(OSError, match=r"could not write the mask of batch_0\d_vt/\d{4}\.jpg"):
+        stage.run(DataParams(root=str(data), classes=TRASH_CLASSES), PARAMS, out, workers=1)
+    assert not out.exists()
