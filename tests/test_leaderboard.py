@@ -548,7 +548,7 @@ def browser_or_skip() -> tuple[str, str]:
                                      ("the selenium package", has_selenium)) if not ok]
     if missing:
         msg = (f"the leaderboard-page browser test needs {', '.join(missing)}: run `make system-deps` "
-               "(apt-get install chromium chromium-driver) and `make setup` (selenium is in requirements.lock)")
+               "(apt-get install chromium chromium-driver) and `make setup` (selenium is in requirements-dev.lock)")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg + " [CI=true: a missing browser fails the run]")
         pytest.skip(msg)
