@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import pipelines.split
-from flows import runnames, runners, tasks, warm
+from flows import progress, runnames, runners, tasks, warm
 from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, public_score, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
@@ -87,7 +87,8 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
         publish_markdown(run_dir / "split" / "report.md", "fold-split")
 
         matrix = [(m, s, f) for m in p["train"].models for s in p["train"].seeds for f in p["train"].folds]
-        trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks])
+        trained, member_keys = fan_out(stages, "train", matrix, run_dir, params_file, p["fanout"], [kv, ks],
+                                       epochs=p["train"].epochs)
         publish_members(trained, "train-metrics")
         result, ki, kaudit = infer_round(stages, p, run_dir, 0, [kv, *member_keys])
         infer_keys = [ki]
@@ -100,7 +101,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
                            run_dir / "infer" / f"r{r - 1}", run_dir / "pseudo" / f"r{r}", r))
             # the previous round's audit decides which training images this round drops or relabels
             retrained, member_keys = fan_out(stages, "retrain", matrix, run_dir, params_file, p["fanout"],
-                                             [kv, ks, kp, kaudit], r)
+                                             [kv, ks, kp, kaudit], r, epochs=p["retrain"].epochs)
             publish_members(retrained, f"retrain-r{r}-metrics")
             result, ki, kaudit = infer_round(stages, p, run_dir, r, [kv, *member_keys])
             infer_keys.append(ki)
@@ -149,6 +150,7 @@ def infer_round(stages: StageRunner, p: dict, run_dir: Path, round_: int, upstre
                     partial(stage_call, "pipelines.infer:run", p["data"], p["infer"], run_dir / "validate",
                             tasks.members_dir(run_dir, round_), out, round_))
     publish_markdown(out / "report.md", f"ensemble-report-r{round_}")
+    publish_figures(out / "plots", round_)
     ka = stages.key("audit", [upstream[0], key], {"round": round_})
     audit = stages("audit", f"audit-r{round_}", ka, f"audit/r{round_}",
                    partial(stage_call, "pipelines.audit:run", p["data"], p["audit"], run_dir / "validate", out,
@@ -173,12 +175,13 @@ def with_profile(params_file: Path, profile: str, run_dir: Path) -> Path:
 
 
 def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]], run_dir: Path, params_file: str,
-            fanout, upstream: list[str], round_: int = 0) -> tuple[list[Path], list[str]]:
+            fanout, upstream: list[str], round_: int = 0, epochs: int | None = None) -> tuple[list[Path], list[str]]:
     """Launch every (model, seed, fold) at once, on this machine's threads or a Ray cluster (`fanout.runner`);
     the device leases (or Ray's scheduler) decide how many really run together.
 
     Each member is its own content-keyed task (uploaded as soon as it finishes, while the others still train);
-    returns the members' folders and keys."""
+    returns the members' folders and keys. While they run, the `<stage>-progress` artifacts show how far the matrix
+    has got (`epochs`: each member's, for the progress bar's share of a running member)."""
     run_dir, params_file = Path(run_dir).absolute(), str(Path(params_file).absolute())
     root = tasks.members_dir(Path(""), round_).as_posix()
     jobs = []
@@ -193,12 +196,14 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
         runners.check_cluster(fanout)
         with runners.member_options(fanout):
             futures = [stages.submit(stage, label, key, rel, call, runner=runner) for _, label, key, rel, call in jobs]
-        for (member, label, key, rel, call), fut in zip(jobs, futures):
-            try:   # one member failing (say, out of memory) must not cut the others short
-                outs.append(stages.finish(stage, label, key, rel, call, fut, runner=runner))
-            except Exception as e:
-                get_run_logger().error("%s failed: %s", label, e)
-                failed.append(member)
+        with progress.watch(f"{stage}-r{round_}" if round_ else stage,
+                            [(member, run_dir / rel) for member, _, _, rel, _ in jobs], futures, epochs):
+            for (member, label, key, rel, call), fut in zip(jobs, futures):
+                try:   # one member failing (say, out of memory) must not cut the others short
+                    outs.append(stages.finish(stage, label, key, rel, call, fut, runner=runner))
+                except Exception as e:
+                    get_run_logger().error("%s failed: %s", label, e)
+                    failed.append(member)
     if failed:
         try:                        # the members that finished are in S3 before the flow fails
             stages.wait_stored()
@@ -225,6 +230,22 @@ def publish_validate(v: ValidateResult, eda_urls: list[str]) -> None:
     create_table_artifact(v.gx_summary, key="validation-summary",
                           description=f"great-expectations: {sum(r['success'] for r in v.gx_summary)} of "
                                       f"{len(v.gx_summary)} expectations passed")
+
+
+def publish_figures(plots: Path, round_: int) -> None:
+    """The infer stage's pictures: its OOF confusion (normalised by truth) and per-class IoU as tables, its heatmap
+    and photo grids inlined in a markdown artifact (JPEG previews within segpipe.inline's budget, as the EDA's)."""
+    if not (plots / "tables.json").is_file():     # a stored result from before the stage drew them
+        return
+    tables = json.loads((plots / "tables.json").read_text())
+    create_table_artifact(tables["confusion"], key=f"ensemble-confusion-r{round_}",
+                          description="ensemble OOF confusion: one row per truth class, the share of its pixels "
+                                      "predicted as each class (rows sum to 1)")
+    create_table_artifact(tables["per_class_iou"], key=f"ensemble-per-class-iou-r{round_}",
+                          description="ensemble OOF IoU per class (None: absent from truth and prediction)")
+    create_markdown_artifact(embed_images((plots / "figures.md").read_text(), plots),
+                             key=f"ensemble-figures-r{round_}",
+                             description="OOF confusion heatmap, test predictions, OOF images the members disagree on")
 
 
 def publish_markdown(path: Path, key: str) -> None:

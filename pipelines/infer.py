@@ -12,6 +12,7 @@ images' pixels.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -27,17 +28,22 @@ import torch
 from pipelines.common import parser, run_main, write_json
 from pipelines.results import InferResult
 from segpipe.config import DataParams, InferParams, parse_section, read_params
-from segpipe.datasets import Sample, decode_all, load_index, read_mask
+from segpipe.datasets import Sample, decode_all, load_index, read_image, read_mask
 from segpipe.engine import autocast_dtype, load_checkpoint, pick_device
-from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, find_members, load_member,
-                              nested_search, oof_miou_fn, search_weights, sha256_file)
+from segpipe.ensemble import (Member, StoredEnsemble, StoredMember, WeightSearch, disagreement, entropy, find_members,
+                              load_member, nested_search, oof_miou_fn, search_weights, sha256_file)
+from segpipe.figures import Panel, confusion_heatmap, confusion_rows, iou_rows, normalise_rows, panel_grid
 from segpipe.metrics import MIoU, confusion_matrix, miou
+from segpipe.parallel import bar
 from segpipe.probstore import Rows, dequantise, npy_writer, stored_size, to_stored
 from segpipe.tta import SlidingWindow, predict_levels
 
 OUT_SIZE = 256   # the submission resolution (DESIGN.md); every OOF score is measured there too
 CHUNK = 16       # images per chunk for the ensemble's reads and the masks' writes
 DECODE_CHUNK = 64   # images decoded per thread-pool round (50 MB at 512 px)
+GRID_IMAGES = 16    # test photos in the prediction grid: a glance, bounded whatever the test set's size
+GRID_ROWS = 8       # OOF images in the disagreement grid (three panels each)
+TILE = 128          # px per photo in a grid: photos and masks are downscaled before drawing
 
 
 def tta_steps(params: InferParams) -> list[tuple[str, tuple[str, ...], tuple[float, ...]]]:
@@ -110,7 +116,7 @@ def stored_levels(model: torch.nn.Module, images: Rows, rows: np.ndarray, batch_
     mixing at S is mixing at full size, up to the quantisation of the plain level).
     """
     n_views = [len(v) * len(s) for v, s in spec]
-    for start in range(0, len(rows), batch_size):
+    for start in bar(range(0, len(rows), batch_size), f"predict {len(rows)} images", unit="batch"):
         sl = slice(start, start + batch_size)
         x = images.read(rows[sl])
         if first is None:
@@ -256,7 +262,8 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         search_size = OUT_SIZE
     weights = search.weights
     ens = MIoU(nc, ignore)
-    ens.cm += oof_ens.confusions([weights], masks, ignore)[0]
+    cm, oof_scores = score_oof(oof_ens, weights, masks, ignore)
+    ens.cm += cm
     # the honest figure: the search above saw the images it is scored on; nested, each fold is scored with weights
     # searched on the other folds only (with no search there is no choice to leak, and the two are equal)
     nested = ens.value
@@ -283,6 +290,8 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
             # weights, one model) must be the very same file
             masks_out.write(c.argmax(1).numpy().astype(np.uint8))
     write_json(tmp / "test_index.json", {"file_names": test_names})
+    figures = write_figures(tmp / "plots", classes, round_, ens.cm, oof_ens, weights, oof_scores, masks,
+                            [by_name[n] for n in all_oof], test, Rows(tmp / "test_masks.npy"))
 
     single_rows = {g: {name: level_metric[g][k].value for k, (name, _, _) in enumerate(steps)} for g in groups}
     # per model, the plain single-model figure of each seed: the first seed's is the single row's own
@@ -303,7 +312,8 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
         "uniform_oof_miou": uniform, "ensemble_oof_miou": ens.value, "weight_search_size": search_size,
         # the figure to decide on (ablation, if_better, the round sent): it never saw its own weights' choice
         "oof_miou": nested, "nested_oof_miou": nested, "nested_weights": nested_weights,
-        "ensemble_per_class_iou": ens.per_class(classes), "voting": params.voting, "tta": list(params.tta),
+        "ensemble_per_class_iou": ens.per_class(classes), "ensemble_confusion": ens.cm.tolist(),
+        "figures": figures, "voting": params.voting, "tta": list(params.tta),
         "scales": list(params.scales), "sliding_window": sw.model_dump(), "members_kind": params.members,
         "n_members": len(members), "n_oof_images": len(all_oof), "n_test": len(test_names),
         "validated_index_sha256": sha256_file(validate_dir / "index.json"),
@@ -324,6 +334,101 @@ def run(data: DataParams, params: InferParams, validate_dir: Path, members_root:
           f"({ens.value:.4f} with the weights chosen on it) "
           f"(equal weights {uniform:.4f}) in {report['seconds']['total']:.0f} s", flush=True)
     return InferResult(nested, report["members"], len(test_names), weights, out_dir)
+
+
+def score_oof(ens: StoredEnsemble, weights: dict[str, float], masks: Rows, ignore: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen weighting's OOF confusion (C, C) at the masks' size (what `ens.confusions` gives) and, per image,
+    (N, 3): the members' disagreement (share of member pairs whose argmax differs, mean over pixels), the
+    ensemble's entropy (in units of log C, mean over pixels) and how many members hold it, at the members' stored
+    size. One pass: the vote counts re-read each chunk while the page cache still holds it."""
+    c = ens.num_classes
+    cm = np.zeros((c, c), np.int64)
+    scores = np.zeros((len(ens), 3))
+    used = [g for g in ens.groups if weights.get(g, 0) > 0]
+    for rows in ens.chunks():
+        parts = ens.means(rows, used)
+        p = ens.vote(parts, weights)
+        at_masks = p if p.shape[-1] == masks.shape[-1] else torch.nn.functional.interpolate(
+            p, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        cm += confusion_matrix(masks[rows], at_masks.argmax(1).numpy(), c, ignore)
+        counts, held = ens.vote_counts(rows)
+        scores[rows] = np.stack([disagreement(counts, held).mean((1, 2)).numpy(), entropy(p).mean((1, 2)).numpy(),
+                                 held], 1)
+    return cm, scores
+
+
+def _tile(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image, (TILE, TILE), interpolation=cv2.INTER_AREA)
+
+
+def _tile_mask(mask: np.ndarray) -> np.ndarray:
+    return cv2.resize(mask, (TILE, TILE), interpolation=cv2.INTER_NEAREST)
+
+
+def write_figures(out: Path, classes: list[str], round_: int, cm: np.ndarray, oof: StoredEnsemble,
+                  weights: dict[str, float], scores: np.ndarray, truth: Rows, oof_samples: list[Sample],
+                  test: list[Sample], test_masks: Rows) -> dict[str, str]:
+    """The pictures people look at, in `out` (the stage's plots/; the whole stage folder is renamed into place, so
+    a reader never sees half of them): the OOF confusion normalised by truth (confusion.json for DVC's
+    confusion_normalized template, confusion.png), per-class IoU (per_class_iou.csv), test photos with the
+    ensemble's masks (test_predictions.png), the OOF images its members disagree on most (oof_disagreement.png),
+    the tables the Prefect flow publishes (tables.json) and figures.md linking the images.
+    Returns {figure: file name under `out`}."""
+    out.mkdir(parents=True, exist_ok=True)
+    nc = len(classes)
+    write_json(out / "confusion.json", confusion_rows(cm, classes))
+    confusion_heatmap(cm, classes, out / "confusion.png",
+                      f"Ensemble OOF confusion, round {round_}\n(rows: truth, each normalised to 1)")
+    ious = iou_rows(cm, classes)
+    with open(out / "per_class_iou.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ious[0]))
+        w.writeheader()
+        w.writerows({**r, "iou": "" if r["iou"] is None else r["iou"]} for r in ious)
+    frac = normalise_rows(cm)
+    table = [{"truth": name, "truth_pixels": int(cm[t].sum()),
+              **{p: (None if not np.isfinite(frac[t, j]) else round(float(frac[t, j]), 4))
+                 for j, p in enumerate(classes)}} for t, name in enumerate(classes)]
+    write_json(out / "tables.json", {"confusion": table, "per_class_iou": ious})
+
+    # test photos: evenly spaced over test.json's order, the ensemble's submitted masks over them
+    pick = np.unique(np.linspace(0, len(test) - 1, min(GRID_IMAGES, len(test))).round().astype(np.int64))
+    preds = test_masks.read(pick) if len(pick) else []
+    panels = [Panel(_tile(read_image(test[i].image, test[i].exif)), test[i].file_name, _tile_mask(m))
+              for i, m in zip(pick, preds)]
+    panel_grid([panels[k:k + 4] for k in range(0, len(panels), 4)], classes, out / "test_predictions.png",
+               f"Test photos with the ensemble's prediction (round {round_}; {len(panels)} of {len(test)})")
+
+    # OOF images where the members disagree most; ties (e.g. every image held by one member) by ensemble entropy
+    order = np.lexsort((-scores[:, 1], -scores[:, 0]))[:GRID_ROWS]
+    idx = np.sort(order)
+    pred = oof.ensemble(weights, idx, OUT_SIZE).argmax(1).numpy().astype(np.uint8)
+    counts, held = oof.vote_counts(idx)
+    dis = disagreement(counts, held).numpy()
+    at = {int(i): k for k, i in enumerate(idx)}
+    rows = []
+    for i in order:
+        k, s = at[int(i)], oof_samples[int(i)]
+        photo = _tile(read_image(s.image, s.exif))
+        rows.append([Panel(photo, f"{s.file_name}: truth", _tile_mask(truth.read([int(i)])[0])),
+                     Panel(photo, f"ensemble (disagree {scores[i, 0]:.2f})", _tile_mask(pred[k])),
+                     Panel(cv2.resize(dis[k], (TILE, TILE), interpolation=cv2.INTER_NEAREST),
+                           f"disagreement (bright), {int(held[k])} members")])
+    how = ("share of member pairs whose argmax differs" if scores[:, 2].max(initial=0) >= 2 else
+           "one member per image: no pairs to disagree, ranked by the ensemble's entropy")
+    panel_grid(rows, classes, out / "oof_disagreement.png",
+               f"OOF images the members disagree on most (round {round_}; {how})")
+    files = {"confusion": "confusion.png", "test_predictions": "test_predictions.png",
+             "oof_disagreement": "oof_disagreement.png", "confusion_data": "confusion.json",
+             "per_class_iou": "per_class_iou.csv", "tables": "tables.json", "markdown": "figures.md"}
+    iou_line = ", ".join(f"{r['class']} {r['iou']:.3f}" if r["iou"] is not None else f"{r['class']} n/a" for r in ious)
+    (out / "figures.md").write_text(
+        f"# Ensemble pictures (round {round_})\n\n"
+        f"Out-of-fold confusion of the chosen ensemble ({nc} classes; each row divided by its truth pixels, so the "
+        f"diagonal is per-class recall). Per-class IoU: {iou_line}.\n\n![OOF confusion](confusion.png)\n\n"
+        f"## Test photos with the ensemble's prediction\n\n![test predictions](test_predictions.png)\n\n"
+        f"## OOF images the members disagree on most\n\n![OOF disagreement](oof_disagreement.png)\n")
+    return files
 
 
 def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], members: list[Member],

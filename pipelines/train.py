@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from dvclive import Live
 
 from pipelines.codedeps import ROOT, closure
 from pipelines.common import CHECKPOINT_ENV, RESULT_ENV, parser, run_main, timed_as, write_json
@@ -254,36 +255,60 @@ class BackgroundPush:
                 pending.result()
 
 
-def write_dvclive(history: list[dict], out: Path) -> None:
-    """Per-epoch metrics in dvclive's file layout (plots/metrics/<name>.tsv + metrics.json), so `dvc plots show`
-    draws the learning curves. Written directly: dvclive's own Live() hooks into git and DVC experiments, and
-    raises in a repository with no commit yet; the files it would write are all DVC reads."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for step, row in enumerate(history):
-        values = {"train_loss": row["train_loss"], "val_miou": row["val_miou"], "lr": row["lr"],
-                  **{f"iou/{c}": v for c, v in row.get("per_class_iou", {}).items() if v is not None}}
-        for name, v in values.items():
-            series.setdefault(name, []).append((step, float(v)))
-    for name, points in series.items():
-        tsv = out / "plots" / "metrics" / f"{name}.tsv"
-        tsv.parent.mkdir(parents=True, exist_ok=True)
-        leaf = name.rsplit("/", 1)[-1]
-        tsv.write_text(f"step\t{leaf}\n" + "".join(f"{st}\t{v}\n" for st, v in points))
-    latest: dict = {"step": len(history) - 1}
-    for name, points in series.items():
-        node = latest
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = points[-1][1]
-    write_json(out / "metrics.json", latest)
+def live_dir(out_dir: Path) -> Path:
+    """Where a member's learning curves grow while it trains (its out_dir appears only once it is done, by rename);
+    the flow's progress artifact reads them here."""
+    return out_dir.parent / ".live" / out_dir.name
 
 
-def write_curve(history: list[dict], path: Path) -> None:
-    """One TSV per member (step, train_loss, val_miou, lr): the learning curve `dvc plots show` draws."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = "".join(f"{i}\t{r['train_loss']}\t{r['val_miou']}\t{r['lr']}\n" for i, r in enumerate(history))
-    path.write_text("step\ttrain_loss\tval_miou\tlr\n" + rows)
+class _FilesOnlyLive(Live):
+    """dvclive's Live, files only. Its DVC/git hook-up reads git HEAD (and raises in a repository with no commit,
+    as a fresh clone of a template has), runs `dvc init` in a git checkout that has no .dvc, git-adds the log
+    under `dvc exp run`, and posts to DVC Studio when a token is set; a member run by `dvc repro` or a Prefect task
+    wants none of that, only the files `dvc plots show` reads."""
+
+    def _init_dvc(self) -> None:
+        self._dvc_file = "dvc.yaml"                 # never written: dvcyaml=None
+
+    def _init_studio(self) -> None:
+        self._studio_events_to_skip.update({"start", "data", "done"})
+
+
+class LiveCurves:
+    """The member's learning curves through dvclive (`<dir>/plots/metrics/*.tsv` + `<dir>/metrics.json`), one step
+    per epoch, written as each epoch ends: `dvc plots show <dir>/plots/metrics` draws them while the member trains.
+
+    The log always starts afresh and replays the epochs the run resumes with (the checkpoint's history), so after a
+    kill, a restore from the S3 mirror (which may trail the local log by an epoch) or DVC deleting its outputs
+    before a repro, step N is epoch N exactly once; dvclive's `resume=True` would continue whatever steps the folder
+    holds. No experiment is saved and no dvc.yaml written: the stage's dvc.yaml declares the plots.
+    """
+
+    def __init__(self, path: Path, history: list[dict] = ()):
+        shutil.rmtree(path, ignore_errors=True)     # also makes DVCLIVE_RESUME=true in the environment harmless
+        self.live = _FilesOnlyLive(str(path), save_dvc_exp=False, dvcyaml=None, report=None)
+        (path / "plots" / "metrics").mkdir(parents=True, exist_ok=True)   # the declared plots output, even if empty
+        for row in history:
+            self(row)
+
+    def __call__(self, row: dict) -> None:
+        """Log one epoch (an engine history row); the engine's `on_epoch` hook."""
+        self.live.step = row["epoch"]
+        for name in ("train_loss", "val_miou", "lr"):
+            self.live.log_metric(name, float(row[name]))
+        for c, v in row.get("per_class_iou", {}).items():
+            if v is not None:                       # None: the class is in neither the fold's labels nor predictions
+                self.live.log_metric(f"iou/{c}", float(v))
+        self.live.make_summary()
+
+
+def resumed_history(last: Path, config: dict) -> list[dict]:
+    """The epochs a run resumes with: last.pt's history when it was written for this config (the engine's rule),
+    else none."""
+    if not last.exists():
+        return []
+    state = load_checkpoint(last, mmap=True)
+    return state["history"] if state.get("config") == config else []
 
 
 AFFECTED = "affected.json"   # the audit stage's list of dropped / relabelled training images
@@ -321,15 +346,19 @@ def apply_audit(samples: list, audit_dir: Path, fold: int | None = None) -> list
 def run(
     data: DataParams, params: TrainParams, model: str, seed: int, fold: int, validate_dir: Path, split_dir: Path,
     out_dir: Path, *, epochs: int | None = None, pseudo_dir: Path | None = None, resume_dir: Path | None = None,
-    curve: Path | None = None, audit_dir: Path | None = None,
+    live: Path | None = None, audit_dir: Path | None = None,
 ) -> TrainResult:
-    """Train `model` on every fold but `fold` (+ pseudo-labelled test images if given); validate on `fold`."""
+    """Train `model` on every fold but `fold` (+ pseudo-labelled test images if given); validate on `fold`.
+
+    The learning curves grow in `live` (default `live_dir(out_dir)`) epoch by epoch, and are copied into
+    out_dir/dvclive when the member is published."""
     if model not in params.models:
         raise KeyError(f"Wrong model `{model}`, models in params.yaml train.models: {sorted(params.models)}")
     torch.set_num_threads(cpu_threads(params))
     spec = params.models[model]
     key = task_key(model, seed, fold)
     out_dir = Path(out_dir)
+    live = Path(live) if live else live_dir(out_dir)
     validate_dir, split_dir = Path(validate_dir), Path(split_dir)
     train_all, _, classes = load_index(validate_dir / "index.json")
     folds = json.loads((split_dir / "folds.json").read_text())["folds"]
@@ -374,8 +403,7 @@ def run(
         m = json.loads((out_dir / "metrics.json").read_text())
         print(f"train {key}: unchanged inputs, params and code; reused {cache.store.url(cache.prefix)} "
               f"(best val mIoU {m['best_miou']:.4f})", flush=True)
-        if curve is not None:
-            write_curve(json.loads((out_dir / "history.json").read_text()), Path(curve))
+        LiveCurves(live, json.loads((out_dir / "history.json").read_text()))
         return TrainResult(key, m["best_miou"], out_dir)
     tr_img, tr_mask = decode_all(train_s, size, threads)
     va_img, va_mask = decode_all(val_s, size, threads)
@@ -392,8 +420,9 @@ def run(
     print(f"train {key}: {len(train_s)} train / {len(val_s)} val images at {size}px, "
           f"{cfg.epochs} epochs on {pick_device()} ({threads} threads)", flush=True)
     push = BackgroundPush(mirror, key) if mirror else None
+    curves = LiveCurves(live, resumed_history(resume_dir / "last.pt", resolved))
     result = train_model(net, loss, ArrayDataset(tr_img, tr_mask, augment), va_img, va_mask, cfg, classes,
-                         data.ignore_index, resume_dir, resolved, on_checkpoint=push, desc=key)
+                         data.ignore_index, resume_dir, resolved, on_epoch=curves, on_checkpoint=push, desc=key)
 
     best = load_checkpoint(resume_dir / "best.pt")
     net.load_state_dict(best["model"])
@@ -418,9 +447,7 @@ def run(
         "swa_miou": result.swa_miou, "top_k": result.top_k, "per_class_iou": result.per_class,
         "img_per_s": result.images_per_second, "resumed_from_epoch": result.resumed_from})
     write_json(tmp / "history.json", result.history)
-    write_dvclive(result.history, tmp / "dvclive")
-    if curve is not None:
-        write_curve(result.history, Path(curve))
+    shutil.copytree(live, tmp / "dvclive")     # the curves travel with the member (S3, the result cache)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     if push is not None:
@@ -445,7 +472,8 @@ def main(round_: int = 0) -> None:
     p.add_argument("--split", type=Path, default=Path("artifacts/split"))
     p.add_argument("--pseudo", type=Path, default=Path(f"artifacts/pseudo/r{round_}") if round_ else None)
     p.add_argument("--out-root", type=Path, default=Path(f"artifacts/retrain/r{round_}" if round_ else "artifacts/train"))
-    p.add_argument("--curve", type=Path, help="also write the learning curve TSV here (dvc.yaml's plots)")
+    p.add_argument("--live", type=Path, help="the dvclive folder the learning curves grow in (dvc.yaml's plots); "
+                   "default: <out-root>/.live/<member>")
     p.add_argument("--audit", type=Path, help="the label-noise audit's output: its affected.json says which "
                    "training images to drop or relabel (audit.action)")
     a = p.parse_args()
@@ -454,10 +482,10 @@ def main(round_: int = 0) -> None:
     epochs = parse_section(raw, "retrain", RetrainParams).epochs if round_ else None
     out_dir = a.out_root / task_key(a.model, a.seed, a.fold)
     if _left_out_by_profile(a.params, params, a.model, a.seed, a.fold):
-        skip(out_dir, a.curve, raw.get("profile"))
+        skip(out_dir, a.live, raw.get("profile"))
         return
     run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split, out_dir, epochs=epochs,
-                         pseudo_dir=a.pseudo, curve=a.curve, audit_dir=a.audit))
+                         pseudo_dir=a.pseudo, live=a.live, audit_dir=a.audit))
 
 
 def _left_out_by_profile(params_file: Path, params: TrainParams, model: str, seed: int, fold: int) -> bool:
@@ -468,15 +496,13 @@ def _left_out_by_profile(params_file: Path, params: TrainParams, model: str, see
     return in_base and not (model in params.models and seed in params.seeds and fold in params.folds)
 
 
-def skip(out_dir: Path, curve: Path | None, profile: str | None) -> None:
+def skip(out_dir: Path, live: Path | None, profile: str | None) -> None:
     """A member of dvc.yaml's matrix (expanded from train.* as written) that the active profile leaves out: an
     empty, marked output so DVC has its outs; infer finds no best.pt there and ignores it."""
     shutil.rmtree(out_dir, ignore_errors=True)
     write_json(out_dir / "skipped.json", {"member": out_dir.name, "profile": profile,
                                           "reason": "not in the active profile's train.models/seeds/folds"})
-    if curve is not None:
-        Path(curve).parent.mkdir(parents=True, exist_ok=True)
-        Path(curve).write_text("step\ttrain_loss\tval_miou\tlr\n")
+    LiveCurves(live or live_dir(out_dir))      # an empty log: DVC has the stage's plots output
     print(f"train {out_dir.name}: skipped, not in profile {profile!r} <profile={profile}>", flush=True)
 
 

@@ -23,7 +23,7 @@ from pipelines.results import ValidateResult
 from segpipe.coco import DataError, mask_name, rasterize
 from segpipe.config import DEFAULT_PARAMS, DataParams, ParamsError, ValidateParams, load_params
 from segpipe.eda import run_eda
-from segpipe.parallel import worker_pool
+from segpipe.parallel import pool_map
 from segpipe.validation import ValidationResult, gx_summary, validate_dataset
 
 
@@ -75,12 +75,8 @@ def run(data: DataParams, params: ValidateParams, out_dir: Path, workers: int | 
         for row, src in zip(train, res.train):
             row["mask_src"] = src.get("mask_src")
         _JOB.update(result=res, train=train, data=data, out=tmp)
-        workers = workers or os.cpu_count() or 1
-        if workers > 1 and len(train) >= 32:
-            with worker_pool(workers) as pool:         # forked processes, or threads in a threaded process
-                stats = pool.map(_mask_job, range(len(train)), chunksize=max(1, len(train) // (workers * 8)))
-        else:
-            stats = [_mask_job(k) for k in range(len(train))]
+        # forked processes, or threads in a threaded process (segpipe.parallel.worker_pool)
+        stats = pool_map(_mask_job, range(len(train)), workers or os.cpu_count() or 1, "rasterise masks", "mask")
         _JOB.clear()
         n_cls = len(data.classes)
         pixel_counts = np.stack([s[0] for s in stats]) if stats else np.zeros((0, n_cls), np.int64)

@@ -224,6 +224,22 @@ class StoredEnsemble:
         used = [g for g in self.groups if weights.get(g, 0) > 0]
         return self.vote(self.means(rows, used), weights, out_size)
 
+    def vote_counts(self, rows: slice | np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Per image in `rows` and class, how many members' argmax is that class, (n, C, size, size) int32, and how
+        many members hold each image (n,): what `disagreement` reads."""
+        idx = np.arange(len(self.names))[rows]
+        counts = torch.zeros((len(idx), self.num_classes, self.size, self.size), dtype=torch.int32)
+        held = np.zeros(len(idx), np.int64)
+        for _, stored, local in self.members:
+            sel = local[idx]
+            have = np.flatnonzero(sel >= 0)
+            if not len(have):
+                continue
+            p = _resize_t(torch.from_numpy(dequantise(stored.read(sel[have]))), self.size)
+            counts.index_add_(0, torch.from_numpy(have), one_hot_votes(p).to(torch.int32))
+            held[have] += 1
+        return counts, held
+
     def chunks(self) -> Iterator[slice]:
         return (slice(s, s + self.chunk) for s in range(0, len(self.names), self.chunk))
 
@@ -253,6 +269,22 @@ class StoredEnsemble:
                     at = folds == f
                     cm[f] += confusion_matrix(truth[at], pred[at], c, ignore_index)
         return cms
+
+
+def disagreement(counts: torch.Tensor, held: np.ndarray) -> torch.Tensor:
+    """Per pixel, the share of member pairs whose argmaxes differ, (n, H, W) in [0, 1], from vote counts (n, C, H, W)
+    over `held` (n,) members: 1 - sum_c k_c (k_c - 1) / (K (K - 1)). An image held by fewer than two members has no
+    pair: 0."""
+    k = torch.from_numpy(np.asarray(held, np.float64)).float().view(-1, 1, 1)
+    c = counts.float()
+    agree = (c * (c - 1)).sum(1) / (k * (k - 1)).clamp_min(1)
+    return torch.where(k >= 2, 1 - agree, torch.zeros_like(agree)).clamp_(0, 1)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per pixel entropy of probabilities (n, C, H, W) -> (n, H, W), in units of log(C) (0: certain, 1: uniform)."""
+    p = probs.clamp_min(1e-12)
+    return -(p * p.log()).sum(1) / float(np.log(max(probs.shape[1], 2)))
 
 
 def confusion_of(probs_fn: Callable[[slice], torch.Tensor], masks: np.ndarray, num_classes: int, ignore_index: int,

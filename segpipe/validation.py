@@ -33,7 +33,7 @@ from segpipe.coco import (
     CocoFile, DataError, LayoutError, UnknownCategoryError, as_json, check_segmentation, class_map, is_int,
     load_coco, mask_name, read_mask_png_layout, segmentation_rle,
 )
-from segpipe.parallel import worker_pool
+from segpipe.parallel import bar, pool_map
 from segpipe.photos import ORIENTATION_NAMES, SWAPS_AXES, check_rule, describe, orientation_of
 from segpipe.submission import csv_name_problem
 
@@ -142,12 +142,7 @@ def inspect_file(path: str) -> dict:
 
 def inspect_files(paths: list[str], workers: int | None = None) -> pd.DataFrame:
     """Inspect files in a process pool of os.cpu_count() workers (in-process for a handful of files)."""
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(paths) >= 32:
-        with worker_pool(workers) as pool:
-            rows = pool.map(inspect_file, paths, chunksize=max(1, len(paths) // (workers * 8)))
-    else:
-        rows = [inspect_file(p) for p in paths]
+    rows = pool_map(inspect_file, list(paths), workers or os.cpu_count() or 1, "inspect files", "file")
     return pd.DataFrame(rows, columns=["path", "file_exists", "readable", "error", "real_w", "real_h", "orientation",
                                        "mode", "hash", "values"])
 
@@ -240,7 +235,7 @@ def flatten_annotations(coco: CocoFile, cmap: dict[int, int]) -> tuple[pd.DataFr
     columns the suites report, and only a segmentation it passed is handed to pycocotools (for the area).
     """
     ann_rows, poly_rows = [], []
-    for pos, ann in enumerate(coco.annotations):
+    for pos, ann in enumerate(bar(coco.annotations, f"check {coco.path.name}", unit="ann")):
         type_errors = _type_errors(ann, ("id", "image_id", "category_id"), (), "annotation record")
         is_obj = isinstance(ann, dict)
         ann = ann if is_obj else {}

@@ -109,3 +109,57 @@ def test_eda_is_published_as_artifacts_with_plots_inlined(prefect_server, tmp_pa
     assert all(r["success"] and r["failed"] == 0 for r in gx)
     assert next(r for r in gx if r["code"] == "image_missing")["rows"] == 16     # 12 train + 4 test images
     assert len(gx) == sum(map(len, (IMAGE_SUITE, TRAIN_IMAGE_SUITE, ANN_SUITE, POLY_SUITE)))
+
+
+def test_fanout_progress_artifacts_change_while_members_run(prefect_server, tmp_path):
+    """flows.progress.watch publishes, during the flow run, a progress artifact updated in place and a table artifact
+    whose new versions follow the members' dvclive logs."""
+    import time
+
+    from prefect import task
+    from prefect.client.schemas.filters import ArtifactFilterKey
+
+    from flows import progress
+    from pipelines.train import LiveCurves, live_dir
+
+    gate = tmp_path / "gate"
+    out = tmp_path / "run" / "train" / "m-s0-f0"
+
+    def row(epoch: int, miou: float) -> dict:
+        return {"epoch": epoch, "train_loss": 1.0, "val_miou": miou, "lr": 0.01, "per_class_iou": {}}
+
+    @task
+    def member() -> str:
+        curves = LiveCurves(live_dir(out))
+        curves(row(0, 0.25))
+        while not gate.exists():
+            time.sleep(0.05)
+        curves(row(1, 0.5))
+        out.mkdir(parents=True)
+        return str(out)
+
+    def artifacts(key: str) -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    @flow
+    def fanout() -> tuple:
+        fut = member.submit()
+        with progress.watch("train", [("m-s0-f0", out), ("m-s0-f1", tmp_path / "never")], [fut, None], epochs=2,
+                            interval=0.2):
+            deadline = time.monotonic() + 60
+            while not any(a.data == 25.0 for a in artifacts("train-progress")):   # 1 of 2 epochs of 1 of 2 members
+                assert time.monotonic() < deadline, [a.data for a in artifacts("train-progress")]
+                time.sleep(0.2)
+            first = artifacts("train-members-live")
+            gate.touch()
+            fut.wait()
+        return first
+
+    first = fanout()
+    assert any("0.25" in str(a.data) and "running" in str(a.data) for a in first)
+    prog = artifacts("train-progress")
+    assert len(prog) == 1 and prog[0].data == 50.0          # updated in place: one done, one never started
+    assert "1 done, 0 running, 1 left" in prog[0].description
+    tables = artifacts("train-members-live")
+    assert len(tables) > len(first) and any('"done"' in str(a.data) or "'done'" in str(a.data) for a in tables)
