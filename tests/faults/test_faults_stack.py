@@ -140,12 +140,16 @@ class Stack:
         rec = self.service(name)
         assert stack._alive(rec), f"{name} was not running before its kill"
         os.killpg(rec["pid"], signal.SIGKILL)
-        _gone(rec, name)
-        if name in self.ports:
-            assert not stack._port_open(self.ports[name]), f"{name} still answers on port {self.ports[name]}"
-        evidence = during() if during is not None else None
-        time.sleep(after)
-        self.start_service(name)
+        try:
+            _gone(rec, name)
+            if name in self.ports:
+                # the main thread shows as a zombie while a thread blocked in disk I/O still exits, holding the
+                # sockets (weed under an upload's fsyncs): the port closes a moment after, not with the pid
+                _port_closed(self.ports[name], name)
+            evidence = during() if during is not None else None
+            time.sleep(after)
+        finally:
+            self.start_service(name)          # back up even when a check fails: the module's later tests need it
         return evidence
 
     def start_service(self, name: str) -> None:
@@ -183,6 +187,14 @@ def _gone(rec: dict, name: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while stack._alive(rec):
         assert time.monotonic() < deadline, f"{name} survived its SIGKILL"
+        time.sleep(0.1)
+
+
+def _port_closed(port: int, name: str, timeout: float = 15.0) -> None:
+    """The killed service's port refuses connections within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while stack._port_open(port):
+        assert time.monotonic() < deadline, f"{name} still answers on port {port} {timeout:.0f}s after its SIGKILL"
         time.sleep(0.1)
 
 
