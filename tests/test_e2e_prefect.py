@@ -45,12 +45,41 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.
     return proc
 
 
+def watch_while(proc: subprocess.Popen, api: str, runs: Path, every: float = 1.0, timeout: float = 900) -> dict:
+    """Until `proc` ends (killed past `timeout` s): each second, the `train-progress` artifact's value (when it
+    changed) and each member's latest dvclive step (runs/*/train/.live/<member>/metrics.json, when it changed)."""
+    looks: dict = {"progress": [], "live": {}}
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        try:
+            arts = requests.post(f"{api}/artifacts/filter", timeout=10,
+                                 json={"artifacts": {"key": {"any_": ["train-progress"]}}}).json()
+        except requests.RequestException:
+            arts = []
+        for a in arts:
+            if not looks["progress"] or looks["progress"][-1][1] != a["data"]:
+                looks["progress"].append((round(time.monotonic(), 1), a["data"]))
+        for metrics in runs.glob("*/train/.live/*/metrics.json"):
+            try:
+                step = json.loads(metrics.read_text())["step"]
+            except (OSError, ValueError, KeyError):
+                continue                       # caught mid-write: the next look reads it whole
+            steps = looks["live"].setdefault(metrics.parent.name, [])
+            if not steps or steps[-1] != step:
+                steps.append(step)
+        time.sleep(every)
+    return looks
+
+
 def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
     # like `make demo`: the shell that starts the stack has no virtualenv on PATH; the worker must cope
     monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN))
     project = copy_project(tmp_path / "project")
     ports = free_stack_ports()
-    shrink_params(project / "params.yaml",
+    shrink_params(project / "params.yaml", train={"epochs": 2},     # two epochs: a member's curve can move
                   submit={"base_url": f"http://127.0.0.1:{ports['leaderboard']}"})
     home = tmp_path / "home"
     try:
@@ -66,8 +95,18 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
         run([str(BIN / "prefect"), "--no-prompt", "deployment", "schedule", "pause", "--all"], project, env)
         assert not nightly_scheduled(env["PREFECT_API_URL"], wait_s=0)
 
-        watched = run([str(BIN / "prefect"), "deployment", "run", "full-pipeline/demo", "--watch"], project, env)
-        assert "Completed" in watched.stdout + watched.stderr
+        # while the run goes, look (as a person would) at the fan-out's progress artifact in the UI's API and at
+        # a member's live dvclive folder: both must change between looks while the matrix trains
+        with open(tmp_path / "watch.log", "w") as log:      # a file, not a pipe: nothing blocks on a full buffer
+            proc = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "full-pipeline/demo", "--watch"],
+                                    cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+            looks = watch_while(proc, env["PREFECT_API_URL"], project / "runs")
+        out = (tmp_path / "watch.log").read_text()
+        assert proc.wait(900) == 0 and "Completed" in out, out[-4000:]
+        progress_seen = [v for _, v in looks["progress"]]
+        assert len(set(progress_seen)) >= 2 and progress_seen[-1] == 100.0, looks["progress"]
+        moved = [m for m, steps in looks["live"].items() if len(set(steps)) >= 2]
+        assert moved, looks["live"]                   # some member's curve seen at epoch 1, then at epoch 2
 
         summaries = list((project / "runs").glob("*/summary.json"))
         assert len(summaries) == 1
@@ -93,6 +132,18 @@ def test_deployment_run_completes_and_submits(tmp_path, monkeypatch):
                                              "model_ensemble", "pseudo_r1"]
         assert all(0.0 <= r["public_miou"] <= 1.0 and r["oof_miou"] is not None for r in rows)
         assert rows[-1]["public_miou"] == pytest.approx(summary["public_miou"], abs=1e-4)   # the same masks
+
+        # the infer stage's pictures: in the store with the run, and in the UI
+        for part in ("confusion.png", "confusion.json", "per_class_iou.csv", "test_predictions.png",
+                     "oof_disagreement.png"):
+            assert f"{summary['artifacts']}/infer/r0/plots/{part}" in keys, f"infer plots/{part} missing from S3"
+        assert store.get_bytes(f"{summary['artifacts']}/infer/r0/plots/test_predictions.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        pics = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
+            "key": {"any_": ["ensemble-confusion-r0", "ensemble-per-class-iou-r0", "ensemble-figures-r0"]}}}).json()
+        assert {a["key"]: a["type"] for a in pics} == {"ensemble-confusion-r0": "table",
+                                                      "ensemble-per-class-iou-r0": "table",
+                                                      "ensemble-figures-r0": "markdown"}
+        assert next(a["data"] for a in pics if a["key"] == "ensemble-figures-r0").count("](data:image/") == 3
 
         # the validate stage's EDA is in the Prefect UI: the report with its plots inlined, and its tables
         arts = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={"artifacts": {
