@@ -252,7 +252,8 @@ class StageRunner:
 
     def finish(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], future,
                runner: TaskRunner | None = None) -> Any:
-        """Wait for the task; on a cache hit bring its files into this run (or run it again if they are gone)."""
+        """Wait for the task; on a cache hit bring its files into this run (or run it again if they are gone), and
+        fetch from S3 the files a Ray member wrote in its node's own folder."""
         out: StageOutput = future.result()
         dst = self.run_dir / rel
         cached = out.run != self.run

@@ -81,7 +81,8 @@ def needed_photos(run_dir: Path, folders: list[str]) -> dict[str, Path]:
     return {name: root / name for name in sorted(names)}
 
 
-def store_photos(store: ArtifactStore, photos: dict[str, Path], workers: int = HASH_WORKERS) -> tuple[dict[str, str], int]:
+def store_photos(store: ArtifactStore, photos: dict[str, Path],
+                 workers: int = HASH_WORKERS) -> tuple[dict[str, str], int]:
     """Hash the photos and store the ones S3 lacks under their sha256 (conditional writes: content never
     overwritten). Returns (photo name -> sha256, how many were uploaded)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
