@@ -4,6 +4,7 @@ and uses the flow's run folder in place when it has it (real SeaweedFS; no Prefe
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -85,3 +86,18 @@ def test_a_stored_photo_that_is_not_the_content_named_fails_the_staging(tmp_path
     with pytest.raises(StorageError, match="not the content the flow stored"):
         nodeinputs.stage(inputs, tmp_path / "elsewhere", params, store, tmp_path / "node")
     assert not (tmp_path / "node" / "blobs" / fake).exists()
+
+
+def test_a_pseudo_label_round_also_needs_its_pseudo_labelled_test_photos(tmp_path):
+    run_dir = tmp_path / "run"
+    make_tiny(run_dir)
+    split.run(SplitParams(n_folds=2, seed=0, group_by="batch"), run_dir / "validate", run_dir / "split")
+    test_photos = [r["image"] for r in json.loads((run_dir / "validate" / "index.json").read_text())["test"]]
+    (run_dir / "pseudo" / "r1").mkdir(parents=True)
+    (run_dir / "pseudo" / "r1" / "index.json").write_text(json.dumps({  # per-fold teachers: a set per fold
+        "data_root": str(run_dir / "data"), "folds": {"0": [{"image": test_photos[0], "mask": "m0.png"}],
+                                                       "1": [{"image": test_photos[1], "mask": "m1.png"}]}}))
+    round0 = nodeinputs.needed_photos(run_dir, ["validate", "split"])
+    round1 = nodeinputs.needed_photos(run_dir, ["validate", "split", "pseudo/r1", "audit/r0"])
+    assert set(round1) - set(round0) == set(test_photos[:2])
+    assert round1[test_photos[0]] == run_dir / "data" / test_photos[0]
