@@ -87,6 +87,8 @@ def _stage_body(label: str, key: str, run: str, out_dir: Path, prefix: str, call
     else:
         result = call()
     t1 = time.time()
+    if not defer_store and isinstance(result, Path):   # a Ray member's own folder on its node, not out_dir
+        out_dir = result
     # a stage in its own process records its work there (pipelines.common): here it is start-up + work
     record_timing("task" if own_process or isolated else "work", label, t0, t1)
     out_dir = Path(out_dir)
@@ -164,9 +166,9 @@ def _rebase(value: Any, old: Path, new: Path) -> Any:
     return value
 
 
-def materialise(out: StageOutput, dst: Path, store: ArtifactStore) -> None:
+def materialise(out: StageOutput, dst: Path, store: ArtifactStore, link: bool = True) -> None:
     """Make dst hold exactly the manifest's files (all or nothing): kept if already right, hard-linked from the
-    producing run's folder when its copy checks out, else downloaded and verified."""
+    producing run's folder when its copy checks out (`link`), else downloaded and verified."""
     dst = Path(dst)
     if dst.is_dir() and all((dst / r).is_file() and sha256_file(dst / r) == h for r, h in out.files.items()):
         return                                     # this run's own output (a retried flow run)
@@ -176,7 +178,7 @@ def materialise(out: StageOutput, dst: Path, store: ArtifactStore) -> None:
         for rel, sha in out.files.items():
             target, local = tmp / rel, Path(out.local) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if local.is_file() and sha256_file(local) == sha:
+            if link and local.is_file() and sha256_file(local) == sha:
                 os.link(local, target)
                 continue
             try:
@@ -218,6 +220,7 @@ class StageRunner:
         self.storage = result_storage(store.cfg)
         self.table: list[StageRun] = []
         self.outputs: dict[str, StageOutput] = {}
+        self.folders: dict[str, StageOutput] = {}     # by folder under the run: what a Ray member's inputs name
         self.storing: list[tuple[str, Any]] = []      # (label, future of its store task), not yet waited for
         self.store_task = store_stage                 # with_options(...) to change its retries
 
@@ -249,7 +252,8 @@ class StageRunner:
 
     def finish(self, stage: str, label: str, key: str, rel: str, call: Callable[[], Any], future,
                runner: TaskRunner | None = None) -> Any:
-        """Wait for the task; on a cache hit bring its files into this run (or run it again if they are gone)."""
+        """Wait for the task; on a cache hit bring its files into this run (or run it again if they are gone), and
+        fetch from S3 the files a Ray member wrote in its node's own folder."""
         out: StageOutput = future.result()
         dst = self.run_dir / rel
         cached = out.run != self.run
@@ -262,12 +266,19 @@ class StageRunner:
                 out = self.submit(stage, label, key, rel, call, refresh=True, runner=runner).result()
                 cached = False
             record_timing("materialise", label, t0, time.time())
+        if not cached and Path(out.local) != dst:
+            # written in a Ray node's own folder (no disk shared with this machine; a path of the same name here
+            # is not that folder): fetched from S3, where the node stored it, and verified against the manifest
+            t0 = time.time()
+            materialise(out, dst, self.store, link=False)
+            record_timing("materialise", label, t0, time.time())
         if not cached and runner is None:
             self._store(label, str(dst), out.prefix, out.files)
         elif cached:
             self._repair(out, dst)
         self.table.append(StageRun(label, key, cached, self.store.url(out.prefix), out.seconds))
         self.outputs[label] = out
+        self.folders[rel] = out
         if cached:
             get_run_logger().info("%s: unchanged (key %s); reused the result of run %s from %s", label, key,
                                   out.run, self.store.url(out.prefix))

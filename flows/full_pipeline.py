@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import pipelines.split
-from flows import progress, runnames, runners, tasks, warm
+from flows import nodeinputs, progress, runnames, runners, tasks, warm
 from flows.caching import StageRunner
 from flows.monitoring import flow_run_name, public_score, publish_run_links, rename_flow_run
 from pipelines.common import TIMING_ENV, record_timing, stage_call, write_json
@@ -52,7 +52,7 @@ def full_pipeline(params_file: str = "params.yaml", submit: bool = True, run_nam
     """
     log = get_run_logger()
     rid = runnames.check_run_name(run_name) if run_name else run_id()
-    # absolute: a Ray worker's working directory is not the flow's (the nodes share the project path instead)
+    # absolute: a Ray worker's working directory is not the flow's (a node that has this path may use it in place)
     run_dir = (Path("runs") / rid).absolute()
     prefix = f"runs/{rid}"
     store = ArtifactStore(S3Config.from_env())
@@ -180,20 +180,22 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
     the device leases (or Ray's scheduler) decide how many really run together.
 
     Each member is its own content-keyed task (uploaded as soon as it finishes, while the others still train);
-    returns the members' folders and keys. While they run, the `<stage>-progress` artifacts show how far the matrix
+    returns the members' folders and keys. On Ray the members get their inputs from S3 by content (the nodes need
+    no disk of this machine's: flows.nodeinputs), and each finished member is fetched from S3 into run_dir. While they run, the `<stage>-progress` artifacts show how far the matrix
     has got (`epochs`: each member's, for the progress bar's share of a running member)."""
     run_dir, params_file = Path(run_dir).absolute(), str(Path(params_file).absolute())
     root = tasks.members_dir(Path(""), round_).as_posix()
-    jobs = []
-    for m, s, f in matrix:
-        member = f"{m}-s{s}-f{f}"
-        label = f"{stage}{f'-r{round_}' if round_ else ''}-{member}"
-        key = stages.key(stage, upstream, {"model": m, "seed": s, "fold": f, "round": round_})
-        call = partial(tasks.train.fn, stage, m, s, f, run_dir, params_file, fanout, round_)
-        jobs.append((member, label, key, f"{root}/{member}", call))
-    outs, failed = [], []
+    outs, failed, jobs = [], [], []
     with runners.matrix_runner(fanout) as runner:      # None: the flow's own threads
         runners.check_cluster(fanout)
+        # on Ray the members get their inputs by content (S3), for nodes that share no disk with this machine
+        inputs = member_inputs(stages, run_dir, params_file, round_) if runner is not None else None
+        for m, s, f in matrix:
+            member = f"{m}-s{s}-f{f}"
+            label = f"{stage}{f'-r{round_}' if round_ else ''}-{member}"
+            key = stages.key(stage, upstream, {"model": m, "seed": s, "fold": f, "round": round_})
+            call = partial(tasks.train.fn, stage, m, s, f, run_dir, params_file, fanout, round_, inputs)
+            jobs.append((member, label, key, f"{root}/{member}", call))
         with runners.member_options(fanout):
             futures = [stages.submit(stage, label, key, rel, call, runner=runner) for _, label, key, rel, call in jobs]
         with progress.watch(f"{stage}-r{round_}" if round_ else stage,
@@ -213,6 +215,20 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
                            "finished and are stored. See each failed task's log for the cause; a retry of this "
                            "flow run reuses the finished members")
     return outs, [j[2] for j in jobs]
+
+
+def member_inputs(stages: StageRunner, run_dir: Path, params_file: str, round_: int) -> nodeinputs.MemberInputs:
+    """What each member of round `round_` reads, by content: the run's validate and split folders (and the round's
+    pseudo labels and the previous round's audit) as stored, the photos (stored now where S3 lacks them) and the
+    params. Waits for the run's pending store tasks: a node can only fetch what is in S3."""
+    stages.wait_stored()
+    rels = ["validate", "split"] + ([f"pseudo/r{round_}", f"audit/r{round_ - 1}"] if round_ else [])
+    missing = [rel for rel in rels if rel not in stages.folders]
+    if missing:
+        raise KeyError(f"fan_out on Ray needs the run's {missing} as stages of this StageRunner (the members fetch "
+                       f"them from S3); ran: {sorted(stages.folders)}")
+    folders = {rel: nodeinputs.StoredFolder(stages.folders[rel].prefix, stages.folders[rel].files) for rel in rels}
+    return nodeinputs.prepare(stages.store, stages.run, run_dir, folders, Path(params_file))
 
 
 def publish_validate(v: ValidateResult, eda_urls: list[str]) -> None:

@@ -39,8 +39,8 @@ def task_runner(fanout: FanoutParams) -> TaskRunner:
         return ThreadPoolTaskRunner(max_workers=LOCAL_THREADS)
     if fanout.runner == "ray":
         from prefect_ray import RayTaskRunner
-        # no runtime_env: the nodes run the same image (or checkout) from the same project folder, with their own
-        # credentials. ray_address "" is the cluster already running on this machine: address="auto" fails if
+        # no runtime_env: the nodes run the same image (or checkout) with their own credentials, and get the
+        # members' inputs from S3 (flows.nodeinputs). ray_address "" is the cluster already running on this machine: address="auto" fails if
         # there is none, where a bare ray.init() would quietly start a private one-node cluster
         return RayTaskRunner(address=fanout.ray_address or None,
                              init_kwargs={"namespace": "segpipe", "log_to_driver": False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from prefect import get_run_logger, task
 import pipelines.ablation
 import pipelines.fetch
 import pipelines.submit
-from flows import runners, warm
+from flows import nodeinputs, runners, warm
 from pipelines.common import CHECKPOINT_ENV, RESULT_ENV
 from segpipe.config import FanoutParams
 from segpipe.storage import ArtifactStore, S3Config
@@ -119,13 +120,24 @@ def run_member(module: str, args: list[str], env: dict[str, str], on_line, warm_
 @task(name="train", task_run_name=_train_run_name, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_oom)
 def train(stage: str, model: str, seed: int, fold: int, run_dir: Path, params_file: str, fanout: FanoutParams,
-          round_: int = 0) -> Path:
-    """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint."""
+          round_: int = 0, inputs: nodeinputs.MemberInputs | None = None) -> Path:
+    """One model x seed x fold in its own process, holding a device lease; a retry resumes from its checkpoint.
+    `inputs` (on a Ray node): the run's inputs by content, staged into this node's own folder unless the node has
+    the run folder itself; returns the member's folder, wherever it was written."""
     log = get_run_logger()
+    data_root = None
+    if inputs is not None:
+        t0 = time.time()
+        staged = nodeinputs.stage(inputs, run_dir, Path(params_file), ArtifactStore(S3Config.from_env()))
+        run_dir, params_file, data_root = staged.run_dir, str(staged.params_file), staged.data_root
+        log.info("inputs at %s (%s, %.1f s) <fanout.runner=ray>", run_dir, "the flow's folder, in place"
+                 if data_root is None else f"staged, fetched {staged.fetched}", time.time() - t0)
     out_root = members_dir(run_dir, round_)
     module = f"pipelines.{stage}"
     args = ["--params", params_file, "--model", model, "--seed", str(seed), "--fold", str(fold),
             "--validate", str(run_dir / "validate"), "--split", str(run_dir / "split"), "--out-root", str(out_root)]
+    if data_root is not None:
+        args += ["--data-root", str(data_root)]
     if round_:
         # the previous round's audit says which training images to drop or relabel (audit.action)
         args += ["--pseudo", str(run_dir / "pseudo" / f"r{round_}"),

@@ -346,12 +346,13 @@ def apply_audit(samples: list, audit_dir: Path, fold: int | None = None) -> list
 def run(
     data: DataParams, params: TrainParams, model: str, seed: int, fold: int, validate_dir: Path, split_dir: Path,
     out_dir: Path, *, epochs: int | None = None, pseudo_dir: Path | None = None, resume_dir: Path | None = None,
-    live: Path | None = None, audit_dir: Path | None = None,
+    live: Path | None = None, audit_dir: Path | None = None, data_root: Path | None = None,
 ) -> TrainResult:
     """Train `model` on every fold but `fold` (+ pseudo-labelled test images if given); validate on `fold`.
 
     The learning curves grow in `live` (default `live_dir(out_dir)`) epoch by epoch, and are copied into
-    out_dir/dvclive when the member is published."""
+    out_dir/dvclive when the member is published. `data_root`: the photos' folder, if not the indexes' data_root
+    (a Ray node's staged copy); the content key reads the photos' bytes, never their paths."""
     if model not in params.models:
         raise KeyError(f"Wrong model `{model}`, models in params.yaml train.models: {sorted(params.models)}")
     torch.set_num_threads(cpu_threads(params))
@@ -360,7 +361,7 @@ def run(
     out_dir = Path(out_dir)
     live = Path(live) if live else live_dir(out_dir)
     validate_dir, split_dir = Path(validate_dir), Path(split_dir)
-    train_all, _, classes = load_index(validate_dir / "index.json")
+    train_all, _, classes = load_index(validate_dir / "index.json", data_root)
     folds = json.loads((split_dir / "folds.json").read_text())["folds"]
     if fold not in set(folds.values()):
         raise ValueError(f"fold {fold} not in the split (folds: {sorted(set(folds.values()))}); check train.folds")
@@ -373,7 +374,7 @@ def run(
         train_s = apply_audit(train_s, Path(audit_dir), fold)
     if pseudo_dir is not None:
         # pseudo-labelled test images only ever join the training side, so validation stays honest
-        train_s += load_pseudo_index(Path(pseudo_dir) / "index.json", fold)
+        train_s += load_pseudo_index(Path(pseudo_dir) / "index.json", fold, data_root)
     inputs = {"train": samples_digest(train_s), "val": samples_digest(val_s)}
     if pseudo_dir is not None:
         inputs["pseudo"] = _sha256(Path(pseudo_dir) / "index.json")
@@ -476,6 +477,8 @@ def main(round_: int = 0) -> None:
                    "default: <out-root>/.live/<member>")
     p.add_argument("--audit", type=Path, help="the label-noise audit's output: its affected.json says which "
                    "training images to drop or relabel (audit.action)")
+    p.add_argument("--data-root", type=Path, help="the photos' folder, if not the validated index's data_root "
+                   "(a Ray node's staged copy)")
     a = p.parse_args()
     raw = read_params(a.params)
     data, params = parse_section(raw, "data", DataParams), parse_section(raw, "train", TrainParams)
@@ -485,7 +488,8 @@ def main(round_: int = 0) -> None:
         skip(out_dir, a.live, raw.get("profile"))
         return
     run_main(lambda: run(data, params, a.model, a.seed, a.fold, a.validate, a.split, out_dir, epochs=epochs,
-                         pseudo_dir=a.pseudo, live=a.live, audit_dir=a.audit))
+                         pseudo_dir=a.pseudo, live=a.live, audit_dir=a.audit,
+                         data_root=a.data_root))
 
 
 def _left_out_by_profile(params_file: Path, params: TrainParams, model: str, seed: int, fold: int) -> bool:

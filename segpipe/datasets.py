@@ -31,11 +31,12 @@ class Sample:
     exif: str = "apply"          # data.exif_orientation, as the validate stage recorded it (segpipe.photos)
 
 
-def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]:
-    """Read the validate stage's index.json into (train samples, test samples, class names)."""
+def load_index(index_path: Path, data_root: Path | None = None) -> tuple[list[Sample], list[Sample], list[str]]:
+    """Read the validate stage's index.json into (train samples, test samples, class names); the photos under
+    `data_root` when given (a copy of data.root elsewhere, as a Ray node stages it), else the index's."""
     index_path = Path(index_path)
     idx = json.loads(index_path.read_text())
-    root = Path(idx["data_root"])
+    root = Path(data_root or idx["data_root"])
     exif = idx.get("exif_orientation", "apply")
     train = [
         Sample(r["file_name"], root / r["image"], index_path.parent / r["mask"], r.get("batch", ""),
@@ -46,12 +47,13 @@ def load_index(index_path: Path) -> tuple[list[Sample], list[Sample], list[str]]
     return train, test, list(idx["classes"])
 
 
-def load_pseudo_index(index_path: Path, fold: int | None = None) -> list[Sample]:
+def load_pseudo_index(index_path: Path, fold: int | None = None, data_root: Path | None = None) -> list[Sample]:
     """Pseudo-labelled test samples written by the pseudo stage (masks carry ignore where unsure): with per-fold
-    teachers (pseudo.teacher=fold) the set made for `fold`'s student, by the members that never saw its images."""
+    teachers (pseudo.teacher=fold) the set made for `fold`'s student, by the members that never saw its images.
+    The photos under `data_root` when given, else the index's."""
     index_path = Path(index_path)
     idx = json.loads(index_path.read_text())
-    root = Path(idx["data_root"])
+    root = Path(data_root or idx["data_root"])
     exif = idx.get("exif_orientation", "apply")
     if "folds" in idx:
         if str(fold) not in idx["folds"]:

@@ -81,9 +81,12 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_cluster(cwd: Path, env: dict[str, str], cpus_per_node: int = 1, timeout: float = 120.0) -> RayCluster:
-    """Head + one worker node; nodes start in `cwd` with `env` (how a real cluster's nodes get the project and
-    their S3 credentials). Returns once both nodes are alive."""
+def start_cluster(cwd: Path | list[Path], env: dict[str, str], cpus_per_node: int = 1,
+                  timeout: float = 120.0) -> RayCluster:
+    """Head + one worker node; nodes start in `cwd` (one folder each when a list: nodes of their own machines)
+    with `env` (how a real cluster's nodes get the project and their S3 credentials). Returns once both nodes are
+    alive."""
+    cwds = list(cwd) if isinstance(cwd, (list, tuple)) else [cwd, cwd]
     ray = str(Path(sys.executable).parent / "ray")
     worker_bases = [_free_range(40)]                          # each node's worker ports, chosen first
     while len(worker_bases) < 2:
@@ -108,7 +111,7 @@ def start_cluster(cwd: Path, env: dict[str, str], cpus_per_node: int = 1, timeou
             cmd = [ray, "start", *role, *common, *(f"{f}={p}" for f, p in zip(PORT_FLAGS, ports)),
                    f"--min-worker-port={base}", f"--max-worker-port={base + 39}"]
             log = open(temp_dir / f"node{i}.log", "wb")
-            cluster.procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cluster.procs.append(subprocess.Popen(cmd, cwd=cwds[i], env=env, stdout=log, stderr=subprocess.STDOUT,
                                                   stdin=subprocess.DEVNULL, start_new_session=True))
             _wait_port(cluster, ports[0], timeout)          # this node's raylet is up
         _wait_nodes(cluster, len(nodes), timeout)         # and both registered with the head
