@@ -181,8 +181,9 @@ def fan_out(stages: StageRunner, stage: str, matrix: list[tuple[str, int, int]],
 
     Each member is its own content-keyed task (uploaded as soon as it finishes, while the others still train);
     returns the members' folders and keys. On Ray the members get their inputs from S3 by content (the nodes need
-    no disk of this machine's: flows.nodeinputs), and each finished member is fetched from S3 into run_dir. While they run, the `<stage>-progress` artifacts show how far the matrix
-    has got (`epochs`: each member's, for the progress bar's share of a running member)."""
+    no disk of this machine's: flows.nodeinputs), and each finished member is fetched from S3 into run_dir. While
+    they run, the `<stage>-progress` artifacts show how far the matrix has got (`epochs`: each member's, for the
+    progress bar's share of a running member)."""
     run_dir, params_file = Path(run_dir).absolute(), str(Path(params_file).absolute())
     root = tasks.members_dir(Path(""), round_).as_posix()
     outs, failed, jobs = [], [], []
