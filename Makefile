@@ -61,8 +61,8 @@ test-ops: setup                           ## only the operations checks that wai
 test-fast: system-deps setup              ## skip the end-to-end runs, the operations checks and the fault suite
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow and not ops and not faults"
 
-test-faults: setup                        ## the fault suite, short + long form (full stack runs); writes docs/fault-report.md
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests/faults -m faults
+test-faults: setup                        ## the fault suite, short + long form (full stack runs); one run writes docs/fault-report.md
+	SEGPIPE_FAULT_REPORT=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests/faults -m faults
 
 bench-validate: setup                     ## time validation + EDA on competition-sized synthetic data (under /tmp)
 	$(BIN)/python -m scripts.bench_validate

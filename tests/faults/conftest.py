@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, free_port_block  # noqa: F401  (free_port: test_leaderboard imports it from `conftest`)
-from tests.faults.helpers import REPO, Weed
+from tests.faults.helpers import REPO, Weed, finish_report, note_outcome, start_report
 
 sys.path.insert(0, str(REPO / "tests"))           # test_training_chain.make_tiny, as the other tests import it
 
@@ -20,6 +21,36 @@ def pytest_collection_modifyitems(items):
         if "tests/faults/" in str(item.fspath):
             item.add_marker(pytest.mark.faults)
             item.add_marker(pytest.mark.services)
+
+
+# ---- the report: one run per report, naming its commit; a scenario that failed or did not run says so
+_REPORTING: list[bool] = []
+
+
+def pytest_collection_finish(session):
+    selected = [i.nodeid for i in session.items if "tests/faults/" in i.nodeid]
+    if selected:
+        _REPORTING.append(True)
+        start_report(shlex.join(["pytest", *session.config.invocation_params.args]), selected)
+
+
+def pytest_runtest_logreport(report):
+    if not _REPORTING or "tests/faults/" not in report.nodeid:
+        return
+    if report.failed:
+        text = report.longreprtext.splitlines()
+        first = next((ln[1:].strip() for ln in text if ln.startswith("E ")), text[-1] if text else "")
+        note_outcome(report.nodeid, f"FAILED in {report.when}: {first[:200]}")
+    elif report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        note_outcome(report.nodeid, f"skipped: {str(reason)[:200]}")
+    elif report.when == "call":
+        note_outcome(report.nodeid, "passed")
+
+
+def pytest_sessionfinish(session):
+    if _REPORTING:
+        finish_report()
 
 
 @pytest.fixture(scope="module")
