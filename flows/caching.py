@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +32,8 @@ from flows import warm
 from flows.tasks import retry_unless_oom
 from pipelines.common import record_timing, timed_call
 from pipelines.contentkey import StageKeys
-from segpipe.storage import ArtifactStore, CorruptArtifactError, S3Config, StorageError, digest_dir, sha256_file
+from segpipe.storage import (ArtifactStore, CorruptArtifactError, ManifestMismatchError, S3Config, StorageError,
+                             digest_dir)
 
 RESULTS_PREFIX = "prefect-results"
 
@@ -169,31 +168,14 @@ def _rebase(value: Any, old: Path, new: Path) -> Any:
 def materialise(out: StageOutput, dst: Path, store: ArtifactStore, link: bool = True) -> None:
     """Make dst hold exactly the manifest's files (all or nothing): kept if already right, hard-linked from the
     producing run's folder when its copy checks out (`link`), else downloaded and verified."""
-    dst = Path(dst)
-    if dst.is_dir() and all((dst / r).is_file() and sha256_file(dst / r) == h for r, h in out.files.items()):
-        return                                     # this run's own output (a retried flow run)
-    tmp = dst.with_name(f".{dst.name}.materialise-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for rel, sha in out.files.items():
-            target, local = tmp / rel, Path(out.local) / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if link and local.is_file() and sha256_file(local) == sha:
-                os.link(local, target)
-                continue
-            try:
-                store.get_file(f"{out.prefix}/{rel}", target)
-            except CorruptArtifactError as e:
-                raise StaleCacheError(f"{out.label}: stored result damaged ({e})") from None
-            except StorageError as e:
-                raise StaleCacheError(f"{out.label}: stored result incomplete ({e})") from None
-            if sha256_file(target) != sha:
-                raise StaleCacheError(f"{out.label}: {store.url(out.prefix + '/' + rel)} does not match the manifest")
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.fetch_folder(out.prefix, out.files, dst, link_from=out.local if link else None)
+    except CorruptArtifactError as e:
+        raise StaleCacheError(f"{out.label}: stored result damaged ({e})") from None
+    except ManifestMismatchError as e:
+        raise StaleCacheError(f"{out.label}: does not match the manifest ({e})") from None
+    except StorageError as e:
+        raise StaleCacheError(f"{out.label}: stored result incomplete ({e})") from None
 
 
 @dataclass

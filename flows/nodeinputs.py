@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from segpipe.storage import HASH_WORKERS, ArtifactStore, StorageError, local_path, sha256_file
+from segpipe.storage import HASH_WORKERS, ArtifactStore, holds, local_path, sha256_file
 
 PHOTOS_PREFIX = "photos/sha256"
 WORK_ENV = "SEGPIPE_NODE_DIR"         # a node's own working folder; default .segpipe/node under its cwd
@@ -110,19 +109,15 @@ def work_dir() -> Path:
     return Path(os.environ.get(WORK_ENV) or DEFAULT_WORK).absolute()
 
 
-def _verified(folder: Path, files: dict[str, str]) -> bool:
-    return all((folder / rel).is_file() and sha256_file(folder / rel) == sha for rel, sha in files.items())
-
-
 def _in_place(inputs: MemberInputs, run_dir: Path, params_file: Path) -> bool:
     """The flow's own run folder, photos and params file are here at the same paths, with the same content."""
     try:
         if not (run_dir / "validate" / "index.json").is_file() or Path(params_file).read_text() != inputs.params:
             return False
-        if not all(_verified(run_dir / rel, f.files) for rel, f in inputs.folders.items()):
+        if not all(holds(run_dir / rel, f.files) for rel, f in inputs.folders.items()):
             return False
         root = Path(json.loads((run_dir / "validate" / "index.json").read_text())["data_root"])
-        return _verified(root, inputs.photos)
+        return holds(root, inputs.photos)
     except OSError:         # unreadable here (another machine's path, no permission): not usable in place
         return False
 
@@ -139,33 +134,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _get_verified(store: ArtifactStore, key: str, dst: Path, sha: str) -> None:
-    """Download `key` to `dst` (atomically; the store checks its recorded sha256) and check it is `sha`."""
-    store.get_file(key, dst)
-    if sha256_file(dst) != sha:
-        dst.unlink(missing_ok=True)
-        raise StorageError(f"{store.url(key)} is not the content the flow stored (sha256 {sha[:12]}...); "
-                           "re-run the flow so the stage stores it again")
-
-
-def _fetch_folder(store: ArtifactStore, folder: StoredFolder, dst: Path) -> int:
-    """Make dst hold exactly the folder's files, all or nothing; files downloaded (0: already right)."""
-    if dst.is_dir() and _verified(dst, folder.files):
-        return 0
-    tmp = dst.with_name(f".{dst.name}.staging-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for rel, sha in folder.files.items():
-            key = f"{folder.prefix}/{rel}"
-            _get_verified(store, key, local_path(tmp, rel, key), sha)
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return len(folder.files)
-
-
 def _link_photos(store: ArtifactStore, photos: dict[str, str], blobs: Path, root: Path) -> int:
     """root/<name> for every photo, a hard link to this node's blob of its sha256 (fetched only when the node
     lacks it; a blob is written only whole and verified, so its name is its content). Returns blobs fetched."""
@@ -173,7 +141,7 @@ def _link_photos(store: ArtifactStore, photos: dict[str, str], blobs: Path, root
     for name, sha in photos.items():
         blob = blobs / sha
         if not blob.is_file():
-            _get_verified(store, photo_key(sha), blob, sha)
+            store.get_verified(photo_key(sha), blob, sha)
             fetched += 1
         dst = local_path(root, name, photo_key(sha))
         if dst.is_file() and os.path.samefile(dst, blob):
@@ -198,7 +166,7 @@ def stage(inputs: MemberInputs, run_dir: Path, params_file: Path, store: Artifac
     work = Path(work) if work is not None else work_dir()
     local = work / "runs" / inputs.run
     with _locked(work / "runs" / f".{inputs.run}.lock"):
-        folders = sum(_fetch_folder(store, f, local / rel) for rel, f in inputs.folders.items())
+        folders = sum(store.fetch_folder(f.prefix, f.files, local / rel) for rel, f in inputs.folders.items())
         photos = _link_photos(store, inputs.photos, work / "blobs", local / "photos")
         params = local / "params.yaml"
         if not params.is_file() or params.read_text() != inputs.params:

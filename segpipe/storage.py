@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -121,6 +122,10 @@ class CorruptArtifactError(StorageError):
     """An object's content does not match the sha256 recorded when it was written."""
 
 
+class ManifestMismatchError(StorageError):
+    """A downloaded object is not the content its manifest (the flow's record of what it stored) names."""
+
+
 class ArtifactExistsError(StorageError):
     """A conditional write found the key already holding different content."""
 
@@ -225,6 +230,12 @@ def _atomic_write(local: Path, write: Callable[[object], None]) -> None:
 
 def _is_pickle(key: str) -> bool:
     return key.lower().endswith(PICKLE_SUFFIXES)
+
+
+def holds(folder: Path, files: dict[str, str]) -> bool:
+    """`folder` has every file of the manifest `files` (relative path -> sha256) with that content."""
+    return folder.is_dir() and all((folder / rel).is_file() and sha256_file(folder / rel) == sha
+                                   for rel, sha in files.items())
 
 
 def local_path(local_dir: Path, rel: str, key: str) -> Path:
@@ -492,6 +503,44 @@ class ArtifactStore:
                 keys += [o["Key"] for o in page.get("Contents", [])]
             return keys
         return sorted(self._rel(k) for k in self._call(f"list {prefix}", list_all))
+
+    def get_verified(self, key: str, dst: Path, sha: str) -> None:
+        """Download `key` to `dst` (atomically; the store checks its recorded sha256) and check it is `sha`, the
+        digest a manifest names: ManifestMismatchError otherwise, and nothing left at `dst`."""
+        self.get_file(key, dst)
+        if sha256_file(dst) != sha:
+            Path(dst).unlink(missing_ok=True)
+            raise ManifestMismatchError(f"{self.url(key)} is not the content the flow stored (sha256 {sha[:12]}...); "
+                                        "re-run the flow so the stage stores it again")
+
+    def fetch_folder(self, prefix: str, files: dict[str, str], dst: Path | str,
+                     link_from: Path | str | None = None) -> int:
+        """Make `dst` hold exactly `files` (relative path -> sha256) as stored under `prefix/`, all or nothing: kept
+        when it already does; each file hard-linked from `link_from` when the copy there checks out, else downloaded
+        and verified (get_verified). Returns how many files were downloaded."""
+        dst = Path(dst)
+        if holds(dst, files):
+            return 0
+        tmp = dst.with_name(f".{dst.name}.fetch-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fetched = 0
+        try:
+            for rel, sha in files.items():
+                key = f"{prefix}/{rel}"
+                target = local_path(tmp, rel, key)
+                source = Path(link_from) / rel if link_from is not None else None
+                if source is not None and source.is_file() and sha256_file(source) == sha:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(source, target)
+                    continue
+                self.get_verified(key, target, sha)
+                fetched += 1
+            shutil.rmtree(dst, ignore_errors=True)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return fetched
 
     def download_dir(self, key_prefix: str, local_dir: Path | str) -> list[Path]:
         """Mirror every key under `key_prefix/` into `local_dir` (verified); returns the local paths."""
