@@ -499,7 +499,9 @@ def ablation_rows(params: InferParams, round_: int, steps, groups: list[str], me
             w.write(test_store.ensemble({primary: 1.0}, chunk, OUT_SIZE).argmax(1).numpy().astype(np.uint8))
     add("fold_ensemble", f"fold ensemble ({primary})", group_oof[primary], fold_masks, fold_note)
     wtxt = ", ".join(f"{g}: {w:g}" for g, w in weights.items())
-    add("model_ensemble", f"multi-model ensemble ({len(groups)} models, {params.voting} vote)", nested,
+    name = (f"multi-model ensemble ({len(groups)} models, {params.voting} vote)" if len(groups) > 1
+            else f"ensemble sent ({primary} only: the fold ensemble, {params.voting} vote)")
+    add("model_ensemble", name, nested,
         final["masks"], f"weights searched on OOF ({wtxt}); OOF mIoU nested: each fold scored with weights "
         f"searched on the others ({ens.value:.4f} with the weights chosen on all)"
         if params.weight_search and len(groups) > 1 else f"equal weights ({wtxt})")
