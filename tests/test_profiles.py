@@ -18,6 +18,11 @@ from segpipe.profiles import ProfileError, apply_profile, balanced_subset, check
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _members(train: dict) -> int:
+    """How many networks a train section's matrix trains."""
+    return len(train["models"]) * len(train["seeds"]) * len(train["folds"])
+
+
 def test_the_real_params_resolve_in_every_profile():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     check_dvc_matrix(raw)                                   # every profile only narrows the DVC train matrix
@@ -27,8 +32,7 @@ def test_the_real_params_resolve_in_every_profile():
         assert resolved["profile"] == name
     quick = read_params(REPO / "params.yaml", profile="quick")
     assert quick["split"]["subset"] > 0 and len(quick["train"]["folds"]) == 1
-    members = lambda t: len(t["models"]) * len(t["seeds"]) * len(t["folds"])    # noqa: E731
-    assert members(quick["train"]) < members(full["train"].model_dump())
+    assert _members(quick["train"]) < _members(full["train"].model_dump())
     assert quick["train"]["lr"] == full["train"].lr             # keys the profile does not name are untouched
 
 

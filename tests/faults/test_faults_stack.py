@@ -117,8 +117,8 @@ class Stack:
         least (its result's upload follows)."""
         started, windows = {}, []
         for t, m in self.timed_logs(fid):
-            if TRAINED.match(m):
-                started[TRAINED.match(m).group(1)] = t
+            if began := TRAINED.match(m):
+                started[began.group(1)] = t
             elif (done := FINISHED.match(m)) and done.group(1) in started:
                 windows.append(t - started[done.group(1)])
         return windows
@@ -316,7 +316,8 @@ def test_01_worker_sigkilled_at_random_points_then_the_rerun_submits_the_same_fi
             trials.append({"phase": phase, "at": at, "processes": n, "started": started,
                            "stored": sorted(stored_at_kill), "redone": sorted(retrained & set(started))})
             details.append(f"kill {len(trials)} ({phase}, +{at:.1f}s): {n} processes SIGKILLed; trainings started: "
-                           f"{', '.join(started) or 'none'}; stored at the kill: {', '.join(sorted(stored_at_kill)) or 'none'}; "
+                           f"{', '.join(started) or 'none'}; stored at the kill: "
+                           f"{', '.join(sorted(stored_at_kill)) or 'none'}; "
                            f"the rerun trained {', '.join(sorted(retrained)) or 'nothing'}")
             break
     assert any(t["redone"] for t in trials if t["phase"] == "training")  # a kill caught a member mid-training
